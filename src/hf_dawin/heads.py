@@ -1,0 +1,195 @@
+"""Classification heads of CLIP endpoints: zero-shot heads from prompts, and trained linear heads.
+
+An endpoint classifies an image with `normalize(visual_projection(pooled vision output)) @ W.T + b`. A
+zero-shot head builds W from class names and prompt templates with the endpoint's own text tower: each
+prompt embedding is L2-normalised, the prompts of a class are averaged and normalised again, and the
+classes are stacked and multiplied by the endpoint's logit scale exp(logit_scale) (100 for OpenAI CLIP).
+Fine-tuned checkpoints of the LP-FT / WiSE-FT kind bring a trained linear head instead, applied to the same
+normalised features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import CLIPModel
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "build_zero_shot_head",
+    "check_class_names",
+    "encode_image_features",
+    "linear_head_from",
+]
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """Validate class names and return them as a list.
+
+    Raises:
+        ValueError: If the list is empty, holds a non-string or blank entry, or holds duplicates (listed).
+        TypeError: If `class_names` is a single string instead of a sequence.
+    """
+    if isinstance(class_names, str):
+        raise TypeError(
+            f"class_names must be a sequence of strings, received the single string {class_names!r}. "
+            "Pass a list such as ['cat', 'dog']."
+        )
+    names = list(class_names) if class_names is not None else []
+    if not names:
+        raise ValueError("class_names is empty; pass one name per class of the classification task.")
+    invalid = [repr(name) for name in names if not isinstance(name, str) or not name.strip()]
+    if invalid:
+        raise ValueError(f"class_names must be non-empty strings, received {', '.join(invalid)}.")
+    seen: set[str] = set()
+    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+    if duplicates:
+        raise ValueError(
+            f"class_names holds duplicates: {duplicates}. Each class needs a distinct name, since the head has "
+            "one row per name."
+        )
+    return names
+
+
+def encode_image_features(clip_model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Compute L2-normalised projected image features.
+
+    Args:
+        clip_model (`CLIPModel`): The endpoint.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): Images.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, projection_dim)` in the model's dtype.
+    """
+    vision_outputs = clip_model.vision_model(pixel_values=pixel_values.to(clip_model.dtype))
+    features = clip_model.visual_projection(vision_outputs.pooler_output)
+    return F.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def build_zero_shot_head(
+    clip_model: CLIPModel,
+    tokenizer,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Build a zero-shot classification head with the endpoint's text tower.
+
+    Args:
+        clip_model (`CLIPModel`): The endpoint whose text tower embeds the prompts.
+        tokenizer: A CLIP tokenizer (for example `CLIPTokenizer`) matching the text tower.
+        class_names (`Sequence[str]`): One name per class.
+        templates (`Sequence[str]`): Prompt templates, each with one `{}` placeholder for the class name.
+        batch_size (`int`, *optional*, defaults to 256): Prompts embedded per text-tower call.
+        progress (`bool`, *optional*, defaults to `False`): Show a progress bar over the classes.
+
+    Returns:
+        `torch.Tensor` of shape `(num_classes, projection_dim)`, float32: rows are normalised class
+        embeddings multiplied by exp(logit_scale).
+    """
+    from tqdm.auto import tqdm
+
+    names = check_class_names(class_names)
+    if not templates:
+        raise ValueError("templates is empty; pass at least one prompt template such as 'a photo of a {}.'.")
+    bad_templates = [template for template in templates if template.count("{}") != 1]
+    if bad_templates:
+        raise ValueError(
+            f"Each template needs exactly one '{{}}' placeholder for the class name; invalid: {bad_templates}."
+        )
+
+    device = clip_model.device
+    max_length = clip_model.config.text_config.max_position_embeddings
+    class_embeddings = []
+    for name in tqdm(names, desc="Building zero-shot head", disable=not progress):
+        prompts = [template.format(name) for template in templates]
+        prompt_embeddings = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(
+                prompts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            text_outputs = clip_model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            embedded = clip_model.text_projection(text_outputs.pooler_output).float()
+            prompt_embeddings.append(F.normalize(embedded, dim=-1))
+        mean_embedding = torch.cat(prompt_embeddings).mean(dim=0)
+        class_embeddings.append(F.normalize(mean_embedding, dim=-1))
+    logit_scale = clip_model.logit_scale.detach().float().exp()
+    return torch.stack(class_embeddings) * logit_scale
+
+
+def linear_head_from(
+    head: nn.Linear | torch.Tensor | Mapping[str, torch.Tensor] | str | Path,
+    *,
+    num_classes: int,
+    projection_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read a trained linear head given as a module, a weight tensor, a state dict or a safetensors file.
+
+    The head applies to L2-normalised projected image features, as in WiSE-FT's classification heads.
+
+    Args:
+        head: `nn.Linear`, a weight of shape `(num_classes, projection_dim)`, a mapping with `weight` and
+            optionally `bias`, or a path to a `.safetensors` file holding those keys.
+        num_classes (`int`): Expected number of classes.
+        projection_dim (`int`): Expected feature size of the endpoint.
+
+    Returns:
+        `(weight, bias)`: float32 tensors of shapes `(num_classes, projection_dim)` and `(num_classes,)` (or `None`).
+
+    Raises:
+        ValueError: If shapes do not match or keys are missing.
+        TypeError: If `head` has an unsupported type.
+    """
+    if isinstance(head, nn.Linear):
+        weight, bias = head.weight, head.bias
+    elif isinstance(head, torch.Tensor):
+        weight, bias = head, None
+    elif isinstance(head, (str, Path)):
+        path = Path(head)
+        if path.suffix != ".safetensors":
+            raise ValueError(
+                f"A linear head file must be a .safetensors file with 'weight' and optional 'bias', received {path}. "
+                "Pickled checkpoints are not loaded; convert the head with safetensors.torch.save_file."
+            )
+        return linear_head_from(load_file(str(path)), num_classes=num_classes, projection_dim=projection_dim)
+    elif isinstance(head, Mapping):
+        if "weight" not in head:
+            raise ValueError(
+                f"A linear head mapping needs a 'weight' key (and optionally 'bias'), received keys {sorted(head)}."
+            )
+        weight, bias = head["weight"], head.get("bias")
+    else:
+        raise TypeError(
+            "A linear head must be an nn.Linear, a weight tensor, a mapping with 'weight'/'bias' or a .safetensors "
+            f"path, received {type(head).__name__}."
+        )
+
+    weight = weight.detach().float()
+    if tuple(weight.shape) != (num_classes, projection_dim):
+        raise ValueError(
+            f"Expected a linear head weight of shape ({num_classes}, {projection_dim}) (num_classes, projection_dim), "
+            f"received {tuple(weight.shape)}."
+        )
+    if bias is not None:
+        bias = bias.detach().float()
+        if tuple(bias.shape) != (num_classes,):
+            raise ValueError(f"Expected a linear head bias of shape ({num_classes},), received {tuple(bias.shape)}.")
+    return weight, bias

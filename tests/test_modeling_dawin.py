@@ -1,0 +1,268 @@
+"""DaWinCLIPModel: exactness of per-sample interpolation, modes, persistence and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel
+
+from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel, interpolate_state_dicts
+
+from .conftest import TINY_CLASS_NAMES, TINY_TEMPLATES, make_clip, tiny_clip_config
+
+
+@torch.no_grad()
+def explicit_merged_logits(model: DaWinCLIPModel, pixel_values: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Logits of a separately merged plain CLIPModel and head, computed without the mixing layers."""
+    merged_state = interpolate_state_dicts(model.zero_shot.state_dict(), model.fine_tuned.state_dict(), alpha)
+    merged = CLIPModel(model.zero_shot.config).eval()
+    merged.load_state_dict(merged_state)
+    features = merged.get_image_features(pixel_values=pixel_values).pooler_output
+    features = F.normalize(features, dim=-1)
+    weight = (1 - alpha) * model.zero_shot_head.weight + alpha * model.fine_tuned_head.weight
+    bias = (1 - alpha) * model.zero_shot_head.bias + alpha * model.fine_tuned_head.bias
+    return features @ weight.T + bias
+
+
+@torch.no_grad()
+def test_endpoints_reproduced_at_zero_and_one(tiny_model, pixel_values):
+    zero_shot_logits, fine_tuned_logits = tiny_model.endpoint_logits(pixel_values)
+    batch_size = pixel_values.shape[0]
+    at_zero = tiny_model.interpolated_logits(pixel_values, torch.zeros(batch_size))
+    at_one = tiny_model.interpolated_logits(pixel_values, torch.ones(batch_size))
+    torch.testing.assert_close(at_zero, zero_shot_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(at_one, fine_tuned_logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_sample_mode_matches_explicit_merge(tiny_model, pixel_values, alpha):
+    coefficients = torch.full((pixel_values.shape[0],), alpha)
+    mixed = tiny_model.interpolated_logits(pixel_values, coefficients)
+    expected = explicit_merged_logits(tiny_model, pixel_values, alpha)
+    assert (mixed - expected).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_sample_mode_mixed_batch_matches_per_sample_merges(tiny_model, pixel_values):
+    coefficients = torch.tensor([0.0, 0.13, 0.5, 0.77, 0.99, 1.0])
+    mixed = tiny_model.interpolated_logits(pixel_values, coefficients)
+    for index, alpha in enumerate(coefficients.tolist()):
+        expected = explicit_merged_logits(tiny_model, pixel_values[index : index + 1], alpha)
+        assert (mixed[index] - expected[0]).abs().max().item() < 1e-4, f"sample {index} at lambda={alpha}"
+
+
+@torch.no_grad()
+def test_forward_sample_uses_entropy_coefficients(tiny_model, pixel_values):
+    outputs = tiny_model(pixel_values=pixel_values, mode="sample")
+    expected_coefficients = torch.sigmoid(outputs.zero_shot_entropy - outputs.fine_tuned_entropy)
+    torch.testing.assert_close(outputs.coefficients, expected_coefficients)
+    for index in range(pixel_values.shape[0]):
+        expected = explicit_merged_logits(tiny_model, pixel_values[index : index + 1], outputs.coefficients[index].item())
+        assert (outputs.logits[index] - expected[0]).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_prediction_independent_of_batch(tiny_model, pixel_values):
+    full = tiny_model(pixel_values=pixel_values).logits
+    for index in range(pixel_values.shape[0]):
+        alone = tiny_model(pixel_values=pixel_values[index : index + 1]).logits
+        torch.testing.assert_close(alone[0], full[index], atol=1e-5, rtol=0)
+    shuffled_order = torch.tensor([5, 3, 1, 0, 2, 4])
+    shuffled = tiny_model(pixel_values=pixel_values[shuffled_order]).logits
+    torch.testing.assert_close(shuffled, full[shuffled_order], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_fixed_weight_modes(tiny_model, pixel_values):
+    zero_shot_logits, fine_tuned_logits = tiny_model.endpoint_logits(pixel_values)
+    torch.testing.assert_close(tiny_model(pixel_values=pixel_values, mode="zero_shot").logits, zero_shot_logits)
+    torch.testing.assert_close(tiny_model(pixel_values=pixel_values, mode="fine_tuned").logits, fine_tuned_logits)
+    static = tiny_model(pixel_values=pixel_values, mode="static", alpha=0.3)
+    assert (static.logits - explicit_merged_logits(tiny_model, pixel_values, 0.3)).abs().max().item() < 1e-4
+    assert torch.all(static.coefficients == 0.3)
+    default_alpha = tiny_model(pixel_values=pixel_values, mode="static")
+    assert torch.all(default_alpha.coefficients == tiny_model.config.alpha)
+
+
+@torch.no_grad()
+def test_output_ensemble_mixes_probabilities(tiny_model, pixel_values):
+    outputs = tiny_model(pixel_values=pixel_values, mode="output_ensemble")
+    weights = outputs.coefficients.unsqueeze(-1)
+    expected = (1 - weights) * outputs.zero_shot_logits.softmax(-1) + weights * outputs.fine_tuned_logits.softmax(-1)
+    torch.testing.assert_close(outputs.logits.exp(), expected)
+
+
+@torch.no_grad()
+def test_mixture_mode_uses_component_models(tiny_model, pixel_values):
+    with pytest.raises(ValueError, match="needs a fitted Beta mixture"):
+        tiny_model(pixel_values=pixel_values, mode="mixture")
+    sample_outputs = tiny_model(pixel_values=pixel_values, mode="sample")
+    mixture = tiny_model.fit_mixture(sample_outputs.coefficients, n_components=2)
+    outputs = tiny_model(pixel_values=pixel_values, mode="mixture")
+    means = torch.as_tensor(mixture.component_means, dtype=torch.float32)
+    torch.testing.assert_close(outputs.coefficients, means[outputs.mixture_components])
+    for index in range(pixel_values.shape[0]):
+        alpha = outputs.coefficients[index].item()
+        expected = explicit_merged_logits(tiny_model, pixel_values[index : index + 1], alpha)
+        assert (outputs.logits[index] - expected[0]).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_labels_give_cross_entropy_loss(tiny_model, pixel_values):
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    outputs = tiny_model(pixel_values=pixel_values, labels=labels)
+    torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
+
+
+@torch.no_grad()
+def test_save_load_round_trip(tiny_model, pixel_values, tmp_path):
+    tiny_model.fit_mixture(torch.tensor([0.1, 0.2, 0.5, 0.55, 0.9, 0.95]), n_components=2)
+    expected = tiny_model(pixel_values=pixel_values)
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "preprocessor_config.json").exists()
+
+    loaded = DaWinCLIPModel.from_pretrained(tmp_path)
+    assert loaded.config.mixture == tiny_model.config.mixture
+    assert loaded.image_processor is not None
+    actual = loaded(pixel_values=pixel_values)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=0, rtol=0)
+    torch.testing.assert_close(actual.coefficients, expected.coefficients, atol=0, rtol=0)
+    for key, value in tiny_model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, atol=0, rtol=0, msg=f"{key} changed on load")
+
+
+def test_auto_classes_load_saved_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DaWinCLIPConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), DaWinCLIPModel)
+    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path), DaWinCLIPModel)
+
+
+@torch.no_grad()
+def test_merge_returns_plain_clip(tiny_model, pixel_values, tmp_path):
+    merged = tiny_model.merge(0.4)
+    assert type(merged) is CLIPModel
+    merged.save_pretrained(tmp_path)
+    reloaded = CLIPModel.from_pretrained(tmp_path)
+    expected_state = interpolate_state_dicts(tiny_model.zero_shot.state_dict(), tiny_model.fine_tuned.state_dict(), 0.4)
+    for key, value in expected_state.items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, msg=f"merged {key}")
+    text_weight = reloaded.text_model.embeddings.token_embedding.weight
+    assert not torch.equal(text_weight, tiny_model.zero_shot.text_model.embeddings.token_embedding.weight)
+
+
+def test_zero_shot_heads_built_from_text(tiny_model, tiny_processor):
+    from hf_dawin.heads import build_zero_shot_head
+
+    head = build_zero_shot_head(tiny_model.fine_tuned, tiny_processor.tokenizer, TINY_CLASS_NAMES, TINY_TEMPLATES)
+    torch.testing.assert_close(tiny_model.fine_tuned_head.weight, head)
+    scale = tiny_model.zero_shot.logit_scale.exp()
+    torch.testing.assert_close(tiny_model.zero_shot_head.weight.norm(dim=-1), scale.expand(len(TINY_CLASS_NAMES)))
+    assert tiny_model.config.head_sources == {"zero_shot": "text", "fine_tuned": "text"}
+
+
+@torch.no_grad()
+def test_linear_head_for_fine_tuned_endpoint(tiny_pair_dirs, tiny_processor, pixel_values):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, len(TINY_CLASS_NAMES))
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+        fine_tuned_head=head,
+    )
+    assert model.config.head_sources["fine_tuned"] == "linear"
+    features = F.normalize(model.fine_tuned.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    torch.testing.assert_close(model(pixel_values=pixel_values, mode="fine_tuned").logits, head(features))
+
+
+def test_loaded_clip_models_are_adopted_unchanged(tiny_endpoints, tiny_processor):
+    zero_shot, fine_tuned = tiny_endpoints
+    before = {key: value.clone() for key, value in zero_shot.state_dict().items()}
+    model = DaWinCLIPModel.from_pretrained_pair(
+        zero_shot, fine_tuned, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+    )
+    assert model.zero_shot is zero_shot
+    for key, value in model.zero_shot.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} was re-initialised"
+
+
+# Bad input ------------------------------------------------------------------------------------------------
+
+
+def test_mismatched_architectures_list_keys(tiny_endpoints, tiny_processor):
+    zero_shot, _ = tiny_endpoints
+    other = make_clip(3, config=tiny_clip_config(num_hidden_layers=3, intermediate_size=48))
+    with pytest.raises(ValueError) as error:
+        DaWinCLIPModel.from_pretrained_pair(
+            zero_shot, other, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+        )
+    message = str(error.value)
+    assert "do not share an architecture" in message
+    assert "Extra in the fine-tuned endpoint" in message
+    assert "vision_model.encoder.layers.2.mlp.fc1.weight" in message
+    assert "Shape mismatches" in message
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight: (64, 32) vs (48, 32)" in message
+    extra_line = next(line for line in message.splitlines() if line.startswith("Extra"))
+    keys = extra_line.split(": ", 1)[1].split(", ")
+    assert keys == sorted(keys)
+
+
+def test_missing_keys_reported(tiny_endpoints, tiny_processor):
+    zero_shot, _ = tiny_endpoints
+    smaller = make_clip(4, config=tiny_clip_config(num_hidden_layers=1))
+    with pytest.raises(ValueError, match="Missing from the fine-tuned endpoint"):
+        DaWinCLIPModel.from_pretrained_pair(
+            zero_shot, smaller, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+        )
+
+
+@pytest.mark.parametrize(
+    ("class_names", "message"),
+    [([], "class_names is empty"), (["cat", "dog", "cat"], "duplicates: \\['cat'\\]"), (["cat", " "], "non-empty")],
+)
+def test_bad_class_names(tiny_endpoints, tiny_processor, class_names, message):
+    with pytest.raises(ValueError, match=message):
+        DaWinCLIPModel.from_pretrained_pair(*tiny_endpoints, class_names=class_names, processor=tiny_processor)
+
+
+def test_unknown_mode_lists_valid_modes(tiny_model, pixel_values):
+    with pytest.raises(ValueError) as error:
+        tiny_model(pixel_values=pixel_values, mode="dynamic")
+    for mode in ("'sample'", "'mixture'", "'static'", "'zero_shot'", "'fine_tuned'", "'output_ensemble'"):
+        assert mode in str(error.value)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_alpha_outside_unit_interval(tiny_model, pixel_values, alpha):
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        tiny_model(pixel_values=pixel_values, mode="static", alpha=alpha)
+
+
+@pytest.mark.parametrize("temperatures", [(0.0, 1.0), (1.0, -2.0)])
+def test_non_positive_temperatures(tiny_endpoints, tiny_processor, temperatures):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        DaWinCLIPModel.from_pretrained_pair(
+            *tiny_endpoints, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor,
+            temperatures=temperatures,
+        )
+
+
+@torch.no_grad()
+def test_nan_logits_name_the_endpoint(tiny_model, pixel_values):
+    tiny_model.fine_tuned_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="The fine-tuned endpoint produced NaN or infinite logits"):
+        tiny_model(pixel_values=pixel_values)
+
+
+def test_empty_batch_rejected(tiny_model):
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        tiny_model(pixel_values=torch.zeros(0, 3, 16, 16))
+
+
+def test_offset_adjustment_needs_statistics(tiny_model, pixel_values):
+    tiny_model.config.offset_adjustment = True
+    with pytest.raises(ValueError, match="needs set-level entropy statistics"):
+        tiny_model(pixel_values=pixel_values)
+    tiny_model.calibrate([pixel_values[:3], {"pixel_values": pixel_values[3:]}])
+    outputs = tiny_model(pixel_values=pixel_values)
+    assert outputs.coefficients.shape == (pixel_values.shape[0],)
