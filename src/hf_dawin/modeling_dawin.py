@@ -32,6 +32,7 @@ from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
 from .heads import build_zero_shot_head, check_class_names, linear_head_from
 from .interpolation import build_mixed_module, check_compatible_state_dicts, merge_task_vectors
 from .mixture import BetaMixture
+from .templates import load_templates
 
 from .temperature import reference_temperatures
 
@@ -212,8 +213,6 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 class names are empty or duplicated, or a setting is invalid.
             TypeError: If an endpoint is neither a path, a Hub id nor a `CLIPModel`.
         """
-        from .templates import load_templates  # TEMP
-
         names = check_class_names(class_names)
         check_mode(mode)
         check_alpha(alpha)

@@ -1,0 +1,440 @@
+"""Distribution-shift evaluation of a DaWin pair against its baselines.
+
+For every evaluation set the two endpoint passes run once; their logits, projected to the set's label
+space, feed every method that needs them (zero-shot, fine-tuned, output ensemble, entropy selection, the
+oracle and DaWin's coefficients). Methods with their own weights (DaWin `sample` and `mixture`, the WiSE-FT
+sweep) then run one more pass each. Only per-sample logits, labels and coefficients are kept between passes,
+never images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .coefficients import (
+    coefficients_from_entropies,
+    entropy,
+    entropy_statistics,
+    oracle_coefficients,
+    output_ensemble_probabilities,
+)
+from .label_spaces import LabelSpaceProjection
+from .mixture import BetaMixture
+from .modeling_dawin import DaWinCLIPModel
+from .scoring import compute_scores
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "EvaluationSet",
+    "EvaluationSettings",
+    "SetPredictions",
+    "collect_endpoint_predictions",
+    "evaluate_pair",
+    "summarize",
+]
+
+DEFAULT_ALPHAS = tuple(round(step / 10, 1) for step in range(11))
+
+# Methods in the order they are reported. "oracle" reads the labels and is an analysis upper bound only.
+METHODS = (
+    "zero_shot",
+    "fine_tuned",
+    "wise_ft_0.5",
+    "wise_ft_best",
+    "output_ensemble",
+    "entropy_selection",
+    "dawin_sample",
+    "dawin_mixture",
+    "oracle",
+)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""`(pixel_values, labels, indices)`: images `(batch_size, 3, height, width)`, class indices in the set's
+label space `(batch_size,)` and the examples' positions in the set `(batch_size,)`."""
+
+
+@dataclass
+class EvaluationSet:
+    """One evaluation set: a re-iterable source of batches and how its labels relate to the model's classes.
+
+    Attributes:
+        name (`str`): Name used in tables and files.
+        batches (`Callable[[], Iterable[Batch]]`): Called once per pass; yields `(pixel_values, labels, indices)`.
+        num_examples (`int`): Number of examples in the set.
+        in_distribution (`bool`): Whether this is the in-distribution (ID) set; others count as OOD.
+        projection ([`LabelSpaceProjection`], *optional*): Maps model logits to the set's label space.
+    """
+
+    name: str
+    batches: Callable[[], Iterable[Batch]]
+    num_examples: int
+    in_distribution: bool = False
+    projection: LabelSpaceProjection | None = None
+
+
+@dataclass
+class EvaluationSettings:
+    """Settings of a shift evaluation.
+
+    Attributes:
+        alphas (`Sequence[float]`): WiSE-FT sweep of static weights on the fine-tuned endpoint; 0.5 is always added.
+        offset_adjustment (`bool`): Use the offset adjustment with each set's entropy statistics.
+        n_components (`int`): Components of the Beta mixture fitted on each set's coefficients.
+        progress (`bool`): Show progress bars.
+    """
+
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    offset_adjustment: bool = False
+    n_components: int = 3
+    progress: bool = True
+
+
+@dataclass
+class SetPredictions:
+    """Per-sample results of the endpoint pass over one set, ordered by example index.
+
+    Attributes:
+        zero_shot_logits (`torch.Tensor` of shape `(num_examples, num_classes)`): Projected zero-shot logits.
+        fine_tuned_logits (`torch.Tensor` of shape `(num_examples, num_classes)`): Projected fine-tuned logits.
+        labels (`torch.Tensor` of shape `(num_examples,)`): Class indices in the set's label space.
+        indices (`torch.Tensor` of shape `(num_examples,)`): Sorted positions in the set of the examples that
+            were read; unreadable images are skipped and reported by the batch source.
+    """
+
+    zero_shot_logits: torch.Tensor
+    fine_tuned_logits: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    method_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _project(projection: LabelSpaceProjection | None, logits: torch.Tensor) -> torch.Tensor:
+    return logits if projection is None else projection.project(logits)
+
+
+def _ordered(
+    chunks: list[torch.Tensor], indices: list[torch.Tensor], expected: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-batch results in example order; return them with the sorted example indices.
+
+    With `expected` (the indices returned by the endpoint pass), every later pass must return exactly those
+    examples, once each; otherwise the set gets no result rather than a silently partial one.
+    """
+    values = torch.cat(chunks)
+    positions = torch.cat(indices).long()
+    order = torch.argsort(positions)
+    sorted_positions = positions[order]
+    repeated = sorted_positions.numel() > 1 and bool((sorted_positions[1:] == sorted_positions[:-1]).any())
+    if repeated or (expected is not None and not torch.equal(sorted_positions, expected)):
+        returned = sorted_positions.numel()
+        raise RuntimeError(
+            f"A pass over set '{name}' returned {returned} results that do not match the {len(expected) if expected is not None else returned} "
+            "examples of its endpoint pass (some are missing or repeated), so no result is written for this set."
+        )
+    return values[order], sorted_positions
+
+
+@torch.inference_mode()
+def collect_endpoint_predictions(
+    model: DaWinCLIPModel, evaluation_set: EvaluationSet, *, progress: bool = True
+) -> SetPredictions:
+    """Run both endpoints once over a set and keep their projected logits and the labels.
+
+    Raises:
+        ValueError: If the set is empty or a label is outside the set's label space.
+    """
+    if evaluation_set.num_examples == 0:
+        raise ValueError(f"Evaluation set '{evaluation_set.name}' is empty; it needs at least one example.")
+    zero_shot_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
+    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: endpoints", unit="img", disable=not progress)
+    for pixel_values, labels, indices in evaluation_set.batches():
+        zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
+        zero_shot_chunks.append(_project(evaluation_set.projection, zero_shot_logits).cpu())
+        fine_tuned_chunks.append(_project(evaluation_set.projection, fine_tuned_logits).cpu())
+        label_chunks.append(labels.cpu().long())
+        index_chunks.append(indices.cpu().long())
+        bar.update(len(indices))
+    bar.close()
+    if not index_chunks:
+        raise ValueError(f"Evaluation set '{evaluation_set.name}' yielded no readable images.")
+
+    zero_shot_logits, kept = _ordered(zero_shot_chunks, index_chunks, None, evaluation_set.name)
+    predictions = SetPredictions(
+        zero_shot_logits=zero_shot_logits,
+        fine_tuned_logits=_ordered(fine_tuned_chunks, index_chunks, kept, evaluation_set.name)[0],
+        labels=_ordered(label_chunks, index_chunks, kept, evaluation_set.name)[0],
+        indices=kept,
+    )
+    num_classes = predictions.zero_shot_logits.shape[1]
+    out_of_range = predictions.labels[(predictions.labels < 0) | (predictions.labels >= num_classes)]
+    if out_of_range.numel():
+        raise ValueError(
+            f"Set '{evaluation_set.name}' has labels {sorted(set(out_of_range.tolist()))[:10]} outside its label "
+            f"space of {num_classes} classes (valid: 0..{num_classes - 1}). Check the label column and the class "
+            "names or projection of this set."
+        )
+    return predictions
+
+
+@torch.inference_mode()
+def _run_weighted_pass(
+    evaluation_set: EvaluationSet,
+    expected: torch.Tensor,
+    description: str,
+    classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    progress: bool,
+) -> torch.Tensor:
+    """Run `classify(pixel_values, rows)` over a set and return projected logits in example order.
+
+    `rows` are the batch's positions among `expected`, the examples of the endpoint pass.
+    """
+    chunks, index_chunks = [], []
+    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: {description}", unit="img", disable=not progress)
+    for pixel_values, _, indices in evaluation_set.batches():
+        rows = torch.searchsorted(expected, indices.cpu().long())
+        logits = classify(pixel_values, rows.clamp_max(expected.numel() - 1))
+        chunks.append(_project(evaluation_set.projection, logits).cpu())
+        index_chunks.append(indices.cpu().long())
+        bar.update(len(indices))
+    bar.close()
+    return _ordered(chunks, index_chunks, expected, evaluation_set.name)[0]
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=-1) == labels).float().mean())
+
+
+def evaluate_pair(
+    model: DaWinCLIPModel,
+    sets: Sequence[EvaluationSet],
+    settings: EvaluationSettings | None = None,
+) -> dict:
+    """Evaluate DaWin and its baselines on an in-distribution set and shifted sets.
+
+    Args:
+        model ([`DaWinCLIPModel`]): The pair to evaluate.
+        sets (`Sequence[EvaluationSet]`): Exactly one set with `in_distribution=True`, and any shifted sets.
+        settings ([`EvaluationSettings`], *optional*): Sweep, offset adjustment, mixture size and progress bars.
+
+    Returns:
+        `dict` (JSON-serialisable) with per-set scores of every method, the WiSE-FT sweep, per-set coefficient
+        statistics and fitted mixtures, and a summary of ID accuracy and OOD average per method.
+
+    Raises:
+        ValueError: If no set or more than one set is in-distribution, or a set is empty.
+    """
+    settings = settings or EvaluationSettings()
+    in_distribution = [s.name for s in sets if s.in_distribution]
+    if len(in_distribution) != 1:
+        raise ValueError(
+            f"Expected exactly one in-distribution set, received {len(in_distribution)} ({in_distribution}). Mark the "
+            "set the fine-tuned endpoint was trained for as in-distribution."
+        )
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Evaluation set names must be distinct, received {names}.")
+    alphas = sorted({float(alpha) for alpha in settings.alphas} | {0.5})
+    for alpha in alphas:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"WiSE-FT sweep values must lie in [0, 1], received {alpha}.")
+    zero_shot_temperature, fine_tuned_temperature = model.config.temperatures
+    temperatures = (zero_shot_temperature, fine_tuned_temperature)
+
+    # Endpoint passes: once per set, reused by every method below.
+    predictions = {s.name: collect_endpoint_predictions(model, s, progress=settings.progress) for s in sets}
+
+    # Coefficients and the mixture of each set, from the endpoint logits alone.
+    per_set = {}
+    for evaluation_set in sets:
+        p = predictions[evaluation_set.name]
+        zero_shot_entropy = entropy(p.zero_shot_logits, zero_shot_temperature)
+        fine_tuned_entropy = entropy(p.fine_tuned_logits, fine_tuned_temperature)
+        statistics = None
+        if settings.offset_adjustment:
+            statistics = entropy_statistics(zero_shot_entropy, fine_tuned_entropy)
+        coefficients = coefficients_from_entropies(zero_shot_entropy, fine_tuned_entropy, statistics)
+        mixture = BetaMixture(n_components=settings.n_components).fit(coefficients.numpy())
+        per_set[evaluation_set.name] = {
+            "coefficients": coefficients,
+            "statistics": statistics,
+            "mixture": mixture,
+            "zero_shot_entropy": zero_shot_entropy,
+            "fine_tuned_entropy": fine_tuned_entropy,
+        }
+
+    # Methods that need only the endpoint logits.
+    for evaluation_set in sets:
+        p = predictions[evaluation_set.name]
+        info = per_set[evaluation_set.name]
+        p.method_logits["zero_shot"] = p.zero_shot_logits
+        p.method_logits["fine_tuned"] = p.fine_tuned_logits
+        ensemble = output_ensemble_probabilities(p.zero_shot_logits, p.fine_tuned_logits, info["coefficients"], temperatures)
+        p.method_logits["output_ensemble"] = ensemble.log()
+        choose_fine_tuned = (info["fine_tuned_entropy"] < info["zero_shot_entropy"]).unsqueeze(-1)
+        p.method_logits["entropy_selection"] = torch.where(choose_fine_tuned, p.fine_tuned_logits, p.zero_shot_logits)
+
+    # DaWin: exact per-sample interpolation, then the mixture components.
+    for evaluation_set in sets:
+        info = per_set[evaluation_set.name]
+        coefficients = info["coefficients"]
+        expected = predictions[evaluation_set.name].indices
+        predictions[evaluation_set.name].method_logits["dawin_sample"] = _run_weighted_pass(
+            evaluation_set,
+            expected,
+            "DaWin sample",
+            lambda pixel_values, indices, c=coefficients: model.interpolated_logits(pixel_values, c[indices]),
+            settings.progress,
+        )
+        mixture = info["mixture"]
+        predictions[evaluation_set.name].method_logits["dawin_mixture"] = _run_weighted_pass(
+            evaluation_set,
+            expected,
+            "DaWin mixture",
+            lambda pixel_values, indices, c=coefficients, m=mixture: model.mixture_logits(pixel_values, c[indices], m)[0],
+            settings.progress,
+        )
+        model.clear_merged_cache()
+
+    # WiSE-FT sweep: one merged model per alpha, reused over all sets, then released.
+    sweep: dict[str, list[float]] = {s.name: [] for s in sets}
+    sweep_logits: dict[tuple[str, float], torch.Tensor] = {}
+    for alpha in alphas:
+        for evaluation_set in sets:
+            p = predictions[evaluation_set.name]
+            if alpha in (0.0, 1.0):
+                logits = p.zero_shot_logits if alpha == 0.0 else p.fine_tuned_logits
+            else:
+                logits = _run_weighted_pass(
+                    evaluation_set,
+                    p.indices,
+                    f"WiSE-FT alpha={alpha:g}",
+                    lambda pixel_values, indices, a=alpha: model.static_logits(pixel_values, a),
+                    settings.progress,
+                )
+            sweep_logits[(evaluation_set.name, alpha)] = logits
+            sweep[evaluation_set.name].append(_accuracy(logits, p.labels))
+        model.clear_merged_cache()
+
+    ood_names = [s.name for s in sets if not s.in_distribution]
+    id_name = in_distribution[0]
+
+    def ood_average(values: dict[str, float]) -> float:
+        return float(np.mean([values[name] for name in ood_names])) if ood_names else float("nan")
+
+    # The best static alpha is chosen by OOD average accuracy: an oracle choice that favours WiSE-FT.
+    ood_by_alpha = [ood_average({name: sweep[name][i] for name in sweep}) for i in range(len(alphas))]
+    if ood_names:
+        best_index = int(np.argmax(ood_by_alpha))
+    else:
+        best_index = int(np.argmax(sweep[id_name]))
+    best_alpha = alphas[best_index]
+    for evaluation_set in sets:
+        p = predictions[evaluation_set.name]
+        p.method_logits["wise_ft_0.5"] = sweep_logits[(evaluation_set.name, 0.5)]
+        p.method_logits["wise_ft_best"] = sweep_logits[(evaluation_set.name, best_alpha)]
+        oracle = oracle_coefficients(p.zero_shot_logits, p.fine_tuned_logits, p.labels, temperatures)
+        p.method_logits["oracle"] = output_ensemble_probabilities(
+            p.zero_shot_logits, p.fine_tuned_logits, oracle, temperatures
+        ).log()
+
+    # Scores.
+    results_sets = {}
+    for evaluation_set in sets:
+        p = predictions[evaluation_set.name]
+        info = per_set[evaluation_set.name]
+        scores = {}
+        for method in METHODS:
+            scores[method] = compute_scores(p.method_logits[method].argmax(dim=-1).tolist(), p.labels.tolist())
+        coefficients = info["coefficients"]
+        results_sets[evaluation_set.name] = {
+            "in_distribution": evaluation_set.in_distribution,
+            "num_examples": int(p.labels.numel()),
+            "num_skipped": evaluation_set.num_examples - int(p.labels.numel()),
+            "num_classes": int(p.zero_shot_logits.shape[1]),
+            "scores": scores,
+            "coefficients": {
+                "mean": float(coefficients.mean()),
+                "std": float(coefficients.std()) if coefficients.numel() > 1 else 0.0,
+                "histogram": np.histogram(coefficients.numpy(), bins=20, range=(0.0, 1.0))[0].tolist(),
+            },
+            "entropy_statistics": None if info["statistics"] is None else info["statistics"].to_dict(),
+            "mixture": info["mixture"].to_dict(),
+        }
+
+    summary = {}
+    for method in METHODS:
+        accuracies = {name: results_sets[name]["scores"][method]["accuracy"] for name in results_sets}
+        summary[method] = {"id": accuracies[id_name], "ood_average": ood_average(accuracies)}
+    return {
+        "in_distribution": id_name,
+        "out_of_distribution": ood_names,
+        "settings": {**asdict(settings), "alphas": alphas, "temperatures": list(temperatures)},
+        "sets": results_sets,
+        "wise_ft_sweep": {
+            "alphas": alphas,
+            "accuracy": sweep,
+            "ood_average": ood_by_alpha if ood_names else None,
+            "best_alpha": best_alpha,
+            "best_alpha_criterion": "OOD average accuracy" if ood_names else "ID accuracy",
+        },
+        "summary": summary,
+        "coefficients": {name: per_set[name]["coefficients"].tolist() for name in per_set},
+    }
+
+
+METHOD_LABELS = {
+    "zero_shot": "Zero-shot",
+    "fine_tuned": "Fine-tuned",
+    "wise_ft_0.5": "WiSE-FT (alpha=0.5)",
+    "wise_ft_best": "WiSE-FT (best alpha)",
+    "output_ensemble": "Dynamic output ensemble",
+    "entropy_selection": "Entropy selection",
+    "dawin_sample": "DaWin (sample)",
+    "dawin_mixture": "DaWin (mixture)",
+    "oracle": "Oracle (uses labels)",
+}
+
+
+def summarize(results: dict, *, markdown: bool = False) -> str:
+    """Format the accuracy table: one row per method, one column per set, then the OOD average.
+
+    Args:
+        results (`dict`): Output of [`evaluate_pair`].
+        markdown (`bool`, *optional*, defaults to `False`): Markdown table instead of aligned text.
+
+    Returns:
+        `str`: Accuracies in percent.
+    """
+    set_names = list(results["sets"])
+    best_alpha = results["wise_ft_sweep"]["best_alpha"]
+    headers = ["Method"] + [f"{name} (ID)" if name == results["in_distribution"] else name for name in set_names]
+    headers.append("OOD avg")
+    rows = []
+    for method in METHODS:
+        label = METHOD_LABELS[method]
+        if method == "wise_ft_best":
+            label = f"WiSE-FT (best alpha={best_alpha:g})"
+        row = [label]
+        row += [f"{100 * results['sets'][name]['scores'][method]['accuracy']:.2f}" for name in set_names]
+        average = results["summary"][method]["ood_average"]
+        row.append("-" if math.isnan(average) else f"{100 * average:.2f}")
+        rows.append(row)
+
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)) for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Shift evaluation: every method scored from one endpoint pass per set, checked against direct model calls."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_dawin.cli import main
+from hf_dawin.evaluation import METHODS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
+from hf_dawin.label_spaces import LabelSpaceProjection
+
+from .conftest import TINY_CLASS_NAMES
+
+
+def tensor_set(name, pixel_values, labels, *, in_distribution=False, batch_size=4, projection=None, skip=()):
+    def batches():
+        for start in range(0, len(labels), batch_size):
+            rows = [row for row in range(start, min(start + batch_size, len(labels))) if row not in skip]
+            yield pixel_values[rows], labels[rows], torch.tensor(rows)
+
+    return EvaluationSet(name, batches, len(labels), in_distribution=in_distribution, projection=projection)
+
+
+@pytest.fixture()
+def sets():
+    generator = torch.Generator().manual_seed(7)
+    pixel_values = torch.randn(20, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, len(TINY_CLASS_NAMES), (20,), generator=generator)
+    return [
+        tensor_set("id", pixel_values[:10], labels[:10], in_distribution=True),
+        tensor_set("shift", pixel_values[10:] * 2.0, labels[10:], batch_size=3),
+    ]
+
+
+@torch.no_grad()
+def test_methods_match_direct_model_calls(tiny_model, sets):
+    results = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=(0.0, 0.3, 1.0), progress=False))
+    assert results["in_distribution"] == "id"
+    assert results["out_of_distribution"] == ["shift"]
+    assert set(results["sets"]["id"]["scores"]) == set(METHODS)
+
+    pixel_values, labels, _ = next(iter(tensor_set("all", *_stack(sets[1]), batch_size=100).batches()))
+    outputs = tiny_model(pixel_values=pixel_values, mode="sample")
+    expected_sample = (outputs.logits.argmax(-1) == labels).float().mean().item()
+    assert results["sets"]["shift"]["scores"]["dawin_sample"]["accuracy"] == pytest.approx(expected_sample)
+    zero_shot = (outputs.zero_shot_logits.argmax(-1) == labels).float().mean().item()
+    assert results["sets"]["shift"]["scores"]["zero_shot"]["accuracy"] == pytest.approx(zero_shot)
+    static = tiny_model(pixel_values=pixel_values, mode="static", alpha=0.3).logits
+    assert results["wise_ft_sweep"]["accuracy"]["shift"][1] == pytest.approx((static.argmax(-1) == labels).float().mean().item())
+    assert results["wise_ft_sweep"]["alphas"] == [0.0, 0.3, 0.5, 1.0]
+    np.testing.assert_allclose(results["coefficients"]["shift"], outputs.coefficients.numpy(), atol=1e-6)
+
+    table = summarize(results)
+    assert "DaWin (sample)" in table and "OOD avg" in table
+    assert summarize(results, markdown=True).startswith("| Method |")
+
+
+def _stack(evaluation_set):
+    chunks = list(evaluation_set.batches())
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+@torch.no_grad()
+def test_projection_applied_before_entropies(tiny_model, sets):
+    projection = LabelSpaceProjection(num_model_classes=len(TINY_CLASS_NAMES), indices=[0, 2])
+    pixel_values, labels = _stack(sets[1])
+    projected_set = tensor_set("subset", pixel_values, labels % 2, projection=projection)
+    results = evaluate_pair(tiny_model, [sets[0], projected_set], EvaluationSettings(alphas=(0.5,), progress=False))
+    assert results["sets"]["subset"]["num_classes"] == 2
+    outputs = tiny_model(pixel_values=pixel_values, mode="sample")
+    zero_shot = projection.project(outputs.zero_shot_logits)
+    fine_tuned = projection.project(outputs.fine_tuned_logits)
+    from hf_dawin import compute_coefficients
+
+    expected = compute_coefficients(zero_shot, fine_tuned)
+    np.testing.assert_allclose(results["coefficients"]["subset"], expected.numpy(), atol=1e-6)
+
+
+def test_skipped_examples_reported(tiny_model, sets):
+    pixel_values, labels = _stack(sets[1])
+    with_skips = tensor_set("shift", pixel_values, labels, skip={2, 5})
+    results = evaluate_pair(tiny_model, [sets[0], with_skips], EvaluationSettings(alphas=(0.5,), progress=False))
+    assert results["sets"]["shift"]["num_examples"] == 8
+    assert results["sets"]["shift"]["num_skipped"] == 2
+
+
+def test_bad_sets_rejected(tiny_model, sets):
+    with pytest.raises(ValueError, match="exactly one in-distribution set"):
+        evaluate_pair(tiny_model, [sets[1]], EvaluationSettings(progress=False))
+    empty = tensor_set("empty", torch.zeros(0, 3, 16, 16), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="'empty' is empty"):
+        evaluate_pair(tiny_model, [sets[0], empty], EvaluationSettings(progress=False))
+    pixel_values, labels = _stack(sets[1])
+    bad_labels = tensor_set("bad", pixel_values, labels + 10)
+    with pytest.raises(ValueError, match="outside its label space"):
+        evaluate_pair(tiny_model, [sets[0], bad_labels], EvaluationSettings(progress=False))
+
+
+def _image_dataset(path, seed, count=12, invert=False):
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(count)]
+    if invert:
+        images = [Image.fromarray(255 - np.asarray(image)) for image in images]
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "label": [i % len(TINY_CLASS_NAMES) for i in range(count)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=TINY_CLASS_NAMES)}),
+    )
+    dataset.save_to_disk(str(path))
+    return path
+
+
+def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
+    id_dir = _image_dataset(tmp_path / "id", 0)
+    shift_dir = _image_dataset(tmp_path / "shift", 1, invert=True)
+    output_dir = tmp_path / "results"
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(id_dir), "--shift-dataset", f"inverted={shift_dir}", "--batch-size", "5",
+        "--alphas", "0,0.5,1", "--output-dir", str(output_dir), "--no-progress",
+    ])
+    assert exit_code == 0
+    printed = capsys.readouterr().out
+    assert "DaWin (sample)" in printed
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["sets"]["inverted"]["num_examples"] == 12
+    assert set(results["summary"]) == set(METHODS)
+    assert (output_dir / "results.md").read_text().startswith("| Method |")
+    assert np.load(output_dir / "coefficients.npz")["inverted"].shape == (12,)
