@@ -15,30 +15,47 @@ from .coefficients import (
     output_ensemble_probabilities,
 )
 from .configuration_dawin import MODES, DaWinCLIPConfig
+from .configuration_multitask import MULTITASK_MODES, DaWinMultiTaskCLIPConfig
 from .interpolation import build_mixed_module, interpolate_state_dicts, merge_task_vectors
+from .merging import ties_merge_state_dicts
 from .mixture import BetaMixture
 from .modeling_dawin import DaWinCLIPModel, DaWinImageClassifierOutput
-from .temperature import fit_temperatures
+from .modeling_multitask import (
+    DaWinMultiTaskCLIPModel,
+    DaWinMultiTaskImageClassifierOutput,
+    coefficients_from_task_weights,
+    task_weights_from_entropies,
+)
+from .temperature import fit_temperature, fit_temperatures, reference_temperatures
 
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
+    "MULTITASK_MODES",
     "BetaMixture",
     "DaWinCLIPConfig",
     "DaWinCLIPModel",
     "DaWinImageClassifierOutput",
+    "DaWinMultiTaskCLIPConfig",
+    "DaWinMultiTaskCLIPModel",
+    "DaWinMultiTaskImageClassifierOutput",
     "EntropyStatistics",
     "build_mixed_module",
+    "coefficients_from_task_weights",
     "compute_coefficients",
     "entropy",
     "entropy_statistics",
+    "fit_temperature",
     "fit_temperatures",
     "interpolate_state_dicts",
     "merge_task_vectors",
     "oracle_coefficients",
     "output_ensemble_probabilities",
+    "reference_temperatures",
+    "task_weights_from_entropies",
+    "ties_merge_state_dicts",
 ]
 
 AutoConfig.register(DaWinCLIPConfig.model_type, DaWinCLIPConfig, exist_ok=True)

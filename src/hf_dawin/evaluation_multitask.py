@@ -1,0 +1,574 @@
+"""Multi-task evaluation of DaWin against static merges of several fine-tuned endpoints.
+
+For each task the endpoint pass runs once: the pre-trained endpoint and every fine-tuned endpoint classify the
+task's images with their own heads for that task. Their logits give the individual models' scores and DaWin's
+task weights pi(x). Each merged model (weight averaging, task arithmetic, TIES, DaWin dataset-mean, and the
+exact per-sample DaWin) then runs one more pass. Only per-sample logits, labels and task weights are kept
+between passes, never images.
+
+`main_multitask` is the `hf-dawin evaluate-multitask` command. Without model arguments it runs the embedded
+suite: MNIST, Fashion-MNIST and scikit-learn digits, with a CLIP-architecture model pre-trained and fine-tuned
+by this project (not OpenAI CLIP weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .evaluation import EvaluationSet
+from .label_spaces import LabelSpaceProjection
+from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
+from .scoring import compute_scores
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "MultiTaskEvaluateArguments",
+    "MultiTaskEvaluationSettings",
+    "TaskPredictions",
+    "collect_task_predictions",
+    "evaluate_multitask",
+    "main_multitask",
+    "parse_multitask_arguments",
+    "run_evaluate_multitask",
+    "summarize_multitask",
+]
+
+# Merged models in the order they are reported, after the pre-trained and the individual fine-tuned models.
+MERGE_METHODS = ("weight_average", "task_arithmetic", "ties", "dawin_dataset_mean", "dawin_sample")
+METHOD_LABELS = {
+    "pretrained": "Pre-trained (zero-shot)",
+    "fine_tuned_expert": "Fine-tuned on the task (expert)",
+    "weight_average": "Weight averaging",
+    "task_arithmetic": "Task arithmetic",
+    "ties": "TIES-merging",
+    "dawin_dataset_mean": "DaWin (dataset mean)",
+    "dawin_sample": "DaWin (per sample)",
+}
+_FINE_TUNED_PREFIX = "fine_tuned:"
+
+
+@dataclass
+class MultiTaskEvaluationSettings:
+    """Settings of a multi-task evaluation.
+
+    Attributes:
+        include_ties (`bool`): Also evaluate TIES-merging with the model's `ties_density` and `ties_scale`.
+        progress (`bool`): Show progress bars.
+    """
+
+    include_ties: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TaskPredictions:
+    """Per-sample results of the endpoint pass over one task's set, ordered by example index.
+
+    Attributes:
+        pretrained_logits (`torch.Tensor` of shape `(num_examples, num_classes)`): Pre-trained logits.
+        fine_tuned_logits (`torch.Tensor` of shape `(num_examples, num_fine_tuned, num_classes)`): Logits of each
+            fine-tuned endpoint with its own head for the task.
+        labels (`torch.Tensor` of shape `(num_examples,)`): Class indices in the set's label space.
+        indices (`torch.Tensor` of shape `(num_examples,)`): Sorted positions in the set of the examples that were
+            read; a batch source may skip unreadable images.
+        method_logits (`dict[str, torch.Tensor]`): Logits `(num_examples, num_classes)` of each method.
+    """
+
+    pretrained_logits: torch.Tensor
+    fine_tuned_logits: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    method_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _project(projection: LabelSpaceProjection | None, logits: torch.Tensor) -> torch.Tensor:
+    return logits if projection is None else projection.project(logits)
+
+
+def _in_example_order(
+    chunks: list[torch.Tensor], index_chunks: list[torch.Tensor], expected: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-batch results sorted by example position; return them with the sorted positions.
+
+    With `expected` (the positions read by the endpoint pass), a later pass must return exactly those examples,
+    so that no method is scored on a different subset of the set.
+    """
+    positions = torch.cat(index_chunks).long()
+    order = torch.argsort(positions)
+    sorted_positions = positions[order]
+    repeated = bool((sorted_positions[1:] == sorted_positions[:-1]).any())
+    if repeated or (expected is not None and not torch.equal(sorted_positions, expected)):
+        raise RuntimeError(
+            f"A pass over set '{name}' returned examples {sorted_positions.tolist()[:10]}... that do not match the "
+            f"{len(expected) if expected is not None else len(positions)} examples of its endpoint pass (some are "
+            "missing or repeated), so no result is written for this set."
+        )
+    return torch.cat(chunks)[order], sorted_positions
+
+
+@torch.inference_mode()
+def _run_pass(evaluation_set: EvaluationSet, expected: torch.Tensor, description: str, classify, progress: bool):
+    """Run `classify(pixel_values, rows)` over a set; `rows` index the endpoint pass's examples `expected`.
+
+    Returns:
+        `torch.Tensor` of shape `(len(expected), num_classes)`: projected logits in example order.
+    """
+    chunks, index_chunks = [], []
+    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: {description}", unit="img", disable=not progress)
+    for pixel_values, _, indices in evaluation_set.batches():
+        indices = indices.cpu().long()
+        rows = torch.searchsorted(expected, indices).clamp_max(expected.numel() - 1)
+        chunks.append(_project(evaluation_set.projection, classify(pixel_values, rows)).cpu())
+        index_chunks.append(indices)
+        bar.update(len(indices))
+    bar.close()
+    return _in_example_order(chunks, index_chunks, expected, evaluation_set.name)[0]
+
+
+def _method_label(method: str) -> str:
+    if method.startswith(_FINE_TUNED_PREFIX):
+        return f"Fine-tuned: {method[len(_FINE_TUNED_PREFIX):]}"
+    return METHOD_LABELS[method]
+
+
+@torch.inference_mode()
+def collect_task_predictions(
+    model: DaWinMultiTaskCLIPModel, task: str, evaluation_set: EvaluationSet, *, progress: bool = True
+) -> TaskPredictions:
+    """Run every endpoint once over a task's set and keep their projected logits and the labels.
+
+    Args:
+        model ([`DaWinMultiTaskCLIPModel`]): The endpoints and their heads.
+        task (`str`): Task whose heads classify the set.
+        evaluation_set ([`EvaluationSet`]): The task's images; its `projection`, if any, maps the task's classes
+            to the set's label space before entropies and scores.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+
+    Returns:
+        [`TaskPredictions`].
+
+    Raises:
+        ValueError: If the set is empty or a label is outside the set's label space.
+    """
+    if evaluation_set.num_examples == 0:
+        raise ValueError(f"The evaluation set of task '{task}' is empty; it needs at least one example.")
+    pretrained_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
+    bar = tqdm(total=evaluation_set.num_examples, desc=f"{task}: endpoints", unit="img", disable=not progress)
+    for pixel_values, labels, indices in evaluation_set.batches():
+        pretrained_chunks.append(_project(evaluation_set.projection, model.pretrained_logits(pixel_values, task)).cpu())
+        fine_tuned = model.fine_tuned_logits(pixel_values, task)
+        projected = [_project(evaluation_set.projection, fine_tuned[:, index]) for index in range(fine_tuned.shape[1])]
+        fine_tuned_chunks.append(torch.stack(projected, dim=1).cpu())
+        label_chunks.append(labels.cpu().long())
+        index_chunks.append(indices.cpu().long())
+        bar.update(len(indices))
+    bar.close()
+    if not index_chunks:
+        raise ValueError(f"The evaluation set of task '{task}' yielded no readable images.")
+
+    pretrained_logits, read_positions = _in_example_order(pretrained_chunks, index_chunks, None, evaluation_set.name)
+    predictions = TaskPredictions(
+        pretrained_logits=pretrained_logits,
+        fine_tuned_logits=_in_example_order(fine_tuned_chunks, index_chunks, read_positions, evaluation_set.name)[0],
+        labels=_in_example_order(label_chunks, index_chunks, read_positions, evaluation_set.name)[0],
+        indices=read_positions,
+    )
+    num_classes = predictions.pretrained_logits.shape[1]
+    out_of_range = predictions.labels[(predictions.labels < 0) | (predictions.labels >= num_classes)]
+    if out_of_range.numel():
+        raise ValueError(
+            f"The set of task '{task}' has labels {sorted(set(out_of_range.tolist()))[:10]} outside its label space "
+            f"of {num_classes} classes (valid: 0..{num_classes - 1}). Check the label column and the class names "
+            "of this task."
+        )
+    return predictions
+
+
+def evaluate_multitask(
+    model: DaWinMultiTaskCLIPModel,
+    task_sets: Mapping[str, EvaluationSet],
+    settings: MultiTaskEvaluationSettings | None = None,
+) -> dict:
+    """Evaluate multi-task DaWin, the individual endpoints and static merges on each task's images.
+
+    Each task reports the pre-trained endpoint, each fine-tuned endpoint and the expert, which is the fine-tuned
+    endpoint named like the task (reported when every task has one). The merges follow: weight averaging, task
+    arithmetic, TIES-merging (optional), DaWin with the dataset-mean task weights of the task's set, and exact
+    per-sample DaWin. The summary averages each method over the tasks.
+
+    Args:
+        model ([`DaWinMultiTaskCLIPModel`]): The endpoints to evaluate.
+        task_sets (`Mapping[str, EvaluationSet]`): The evaluation set of each task, keyed by a task name of the
+            model.
+        settings ([`MultiTaskEvaluationSettings`], *optional*): TIES on or off, and progress bars.
+
+    Returns:
+        `dict` (JSON-serialisable). `"tasks"` has, per task, the scores of every method and statistics of the
+        task weights pi. `"summary"` has the accuracy of every method per task and averaged over tasks. The
+        methods in report order, the fine-tuned endpoint names and the settings complete it.
+
+    Raises:
+        ValueError: If `task_sets` is empty, names a task the model does not have, or a set is empty.
+    """
+    settings = settings or MultiTaskEvaluationSettings()
+    if not task_sets:
+        raise ValueError(f"task_sets is empty; pass an evaluation set for at least one of the tasks {model.config.task_names}.")
+    for task in task_sets:
+        model.resolve_task(task)
+    names = list(model.config.fine_tuned_names)
+    scale = model.config.scale
+
+    methods = ["pretrained", *(f"{_FINE_TUNED_PREFIX}{name}" for name in names)]
+    has_experts = all(task in names for task in task_sets)
+    if has_experts:
+        methods.append("fine_tuned_expert")
+    methods += [method for method in MERGE_METHODS if settings.include_ties or method != "ties"]
+
+    results_tasks = {}
+    for task, evaluation_set in task_sets.items():
+        # Endpoint pass: the individual models and the task weights of every image.
+        predictions = collect_task_predictions(model, task, evaluation_set, progress=settings.progress)
+        task_weights, entropies = model.task_weights_from_logits(predictions.fine_tuned_logits)
+        sample_coefficients = coefficients_from_task_weights(task_weights, scale)
+        dataset_coefficients = coefficients_from_task_weights(task_weights.mean(dim=0), scale)
+        predictions.method_logits["pretrained"] = predictions.pretrained_logits
+        for index, name in enumerate(names):
+            predictions.method_logits[f"{_FINE_TUNED_PREFIX}{name}"] = predictions.fine_tuned_logits[:, index]
+        if has_experts:
+            predictions.method_logits["fine_tuned_expert"] = predictions.fine_tuned_logits[:, names.index(task)]
+
+        # Merged models: one pass each.
+        static = {
+            "weight_average": model.static_coefficients("weight_average"),
+            "task_arithmetic": model.static_coefficients("task_arithmetic"),
+            "dawin_dataset_mean": dataset_coefficients,
+        }
+        for method, coefficients in static.items():
+            predictions.method_logits[method] = _run_pass(
+                evaluation_set, predictions.indices, _method_label(method),
+                lambda pixel_values, rows, c=coefficients: model.static_logits(pixel_values, task, c),
+                settings.progress,
+            )  # fmt: skip
+        if settings.include_ties:
+            predictions.method_logits["ties"] = _run_pass(
+                evaluation_set, predictions.indices, _method_label("ties"),
+                lambda pixel_values, rows: model.ties_logits(pixel_values, task),
+                settings.progress,
+            )  # fmt: skip
+        predictions.method_logits["dawin_sample"] = _run_pass(
+            evaluation_set, predictions.indices, _method_label("dawin_sample"),
+            lambda pixel_values, rows: model.interpolated_logits(pixel_values, task, sample_coefficients[rows]),
+            settings.progress,
+        )  # fmt: skip
+        model.clear_merged_cache()
+
+        # Scores.
+        scores = {
+            method: compute_scores(predictions.method_logits[method].argmax(dim=-1), predictions.labels)
+            for method in methods
+        }
+        results_tasks[task] = {
+            "num_examples": int(predictions.indices.numel()),
+            "num_classes": int(predictions.pretrained_logits.shape[1]),
+            "scores": scores,
+            "task_weights": {
+                "mean": task_weights.mean(dim=0).tolist(),
+                "std": task_weights.std(dim=0).tolist() if task_weights.shape[0] > 1 else [0.0] * len(names),
+                "argmax_share": torch.bincount(task_weights.argmax(dim=-1), minlength=len(names)).div(
+                    task_weights.shape[0]
+                ).tolist(),
+            },
+            "entropy_mean": entropies.mean(dim=0).tolist(),
+            "dataset_mean_coefficients": dataset_coefficients.tolist(),
+        }
+        logger.info(
+            "Task %s: %s", task,
+            ", ".join(f"{_method_label(m)} {100 * scores[m]['accuracy']:.2f}" for m in methods),
+        )  # fmt: skip
+
+    summary = {}
+    for method in methods:
+        per_task = {task: results_tasks[task]["scores"][method]["accuracy"] for task in results_tasks}
+        summary[method] = {"per_task": per_task, "average": float(np.mean(list(per_task.values())))}
+    return {
+        "tasks": results_tasks,
+        "methods": methods,
+        "method_labels": {method: _method_label(method) for method in methods},
+        "fine_tuned_names": names,
+        "settings": {
+            **asdict(settings),
+            "scale": scale,
+            "ties_density": model.config.ties_density,
+            "ties_scale": model.config.ties_scale,
+        },
+        "summary": summary,
+    }
+
+
+def summarize_multitask(results: dict, *, markdown: bool = False) -> str:
+    """Format the accuracy table: one row per method, one column per task, then the average over tasks.
+
+    Args:
+        results (`dict`): Output of [`evaluate_multitask`].
+        markdown (`bool`, *optional*, defaults to `False`): Markdown table instead of aligned text.
+
+    Returns:
+        `str`: Accuracies in percent.
+    """
+    tasks = list(results["tasks"])
+    headers = ["Method", *tasks, "Average"]
+    rows = []
+    for method in results["methods"]:
+        row = [results["method_labels"][method]]
+        row += [f"{100 * results['tasks'][task]['scores'][method]['accuracy']:.2f}" for task in tasks]
+        average = results["summary"][method]["average"]
+        row.append("-" if math.isnan(average) else f"{100 * average:.2f}")
+        rows.append(row)
+
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in [headers, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: `hf-dawin evaluate-multitask`
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultiTaskEvaluateArguments:
+    """Arguments of `hf-dawin evaluate-multitask`; see `hf-dawin evaluate-multitask --help` for each one."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    fine_tuned: list[str] = field(default_factory=list)
+    task_datasets: list[str] = field(default_factory=list)
+    split: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    templates: str | None = None
+    scale: float | None = None
+    ties: bool = True
+    ties_density: float | None = None
+    batch_size: int = 256
+    max_examples: int | None = None
+    output_dir: str = "hf_dawin_multitask_results"
+    cache_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-dawin evaluate-multitask",
+        description=(
+            "Score multi-task DaWin against the individual fine-tuned endpoints, weight averaging, task arithmetic "
+            "and TIES-merging on each task. With no model arguments, runs the embedded suite (MNIST, "
+            "Fashion-MNIST, scikit-learn digits) with a tiny CLIP trained by hf_dawin, not OpenAI CLIP weights."
+        ),
+    )
+
+    # Model: a saved multi-task DaWin model, or endpoint checkpoints.
+    parser.add_argument("--model", help="Saved multi-task DaWin model (directory or Hub id).")
+    parser.add_argument("--pretrained", help="Pre-trained CLIP endpoint: Hub id or local directory.")
+    parser.add_argument(
+        "--fine-tuned", dest="fine_tuned", action="append", default=[],
+        help="A fine-tuned CLIP endpoint (Hub id or local directory); repeat once per endpoint.",
+    )  # fmt: skip
+
+    # Data.
+    parser.add_argument(
+        "--task-dataset", dest="task_datasets", action="append", default=[], metavar="TASK=SOURCE",
+        help=(
+            "Evaluation dataset of a task as TASK=SOURCE (Hub id, imagefolder or save_to_disk folder); repeat per "
+            "task. With --pretrained, the task's class names are the dataset's label names."
+        ),
+    )  # fmt: skip
+    parser.add_argument("--split", help="Dataset split to evaluate (default: test, else the only split).")
+    parser.add_argument("--image-column", default="image", help="Image column name (default: image).")
+    parser.add_argument("--label-column", default="label", help="Label column name (default: label).")
+    parser.add_argument("--templates", help="Prompt template file for every task (one template with {} per line).")
+
+    # Merging, batching and output.
+    parser.add_argument("--scale", type=float, help="Task-arithmetic scale s (default: the model's, else 0.3).")
+    parser.add_argument("--no-ties", dest="ties", action="store_false", help="Skip TIES-merging.")
+    parser.add_argument("--ties-density", type=float, help="Fraction of task-vector entries TIES keeps (default: 0.2).")
+    parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
+    parser.add_argument("--max-examples", type=int, help="Evaluate at most this many examples per task.")
+    parser.add_argument(
+        "--output-dir", default="hf_dawin_multitask_results",
+        help="Folder for results.json and results.md (default: hf_dawin_multitask_results).",
+    )  # fmt: skip
+    parser.add_argument("--cache-dir", help="Cache for data and the embedded suite (default: ~/.cache/hf_dawin).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the embedded suite's training (default: 0).")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+    return parser
+
+
+def parse_multitask_arguments(argv: Sequence[str]) -> MultiTaskEvaluateArguments:
+    """Parse `evaluate-multitask` arguments into [`MultiTaskEvaluateArguments`]."""
+    return MultiTaskEvaluateArguments(**vars(_build_parser().parse_args(list(argv))))
+
+
+def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
+    endpoints_given = arguments.pretrained is not None or bool(arguments.fine_tuned)
+    if endpoints_given and (arguments.pretrained is None or not arguments.fine_tuned):
+        raise SystemExit("error: --pretrained needs at least one --fine-tuned endpoint, and the other way round.")
+    if endpoints_given and arguments.model is not None:
+        raise SystemExit("error: give either --model or --pretrained with --fine-tuned, not both.")
+    if (endpoints_given or arguments.model) and not arguments.task_datasets:
+        raise SystemExit("error: a custom model needs one --task-dataset TASK=SOURCE per task to evaluate.")
+    if arguments.task_datasets and not (endpoints_given or arguments.model):
+        raise SystemExit("error: --task-dataset needs a model: --model, or --pretrained with --fine-tuned.")
+    if arguments.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
+    if arguments.scale is not None and not (math.isfinite(arguments.scale) and arguments.scale > 0):
+        raise SystemExit(f"error: --scale must be a positive number, received {arguments.scale}.")
+    if arguments.ties_density is not None and not 0 < arguments.ties_density <= 1:
+        raise SystemExit(f"error: --ties-density must lie in (0, 1], received {arguments.ties_density}.")
+    for entry in arguments.task_datasets:
+        if "=" not in entry:
+            raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
+
+
+def _embedded_suite(arguments: MultiTaskEvaluateArguments):
+    from .benchmarks.assets import default_cache_dir
+    from .benchmarks.multitask import load_multitask_data, multitask_evaluation_sets, train_multitask_suite
+
+    cache_dir = Path(arguments.cache_dir) if arguments.cache_dir else default_cache_dir()
+    print(
+        "Embedded multi-task suite: MNIST, Fashion-MNIST and scikit-learn digits; data and the trained endpoints "
+        f"are cached in {cache_dir}",
+        flush=True,
+    )
+    suite = train_multitask_suite(
+        cache_dir / f"multitask_suite_seed{arguments.seed}", seed=arguments.seed, cache_dir=cache_dir,
+        progress=arguments.progress,
+    )  # fmt: skip
+    tasks = list(suite.fine_tuned_dirs)
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        suite.pretrained_dir, [suite.fine_tuned_dirs[task] for task in tasks],
+        tasks=suite.tasks, templates=suite.templates, fine_tuned_names=tasks, **_merge_overrides(arguments),
+    )  # fmt: skip
+    data = load_multitask_data(
+        tuple(tasks), cache_dir, sklearn_digits_test_examples=suite.manifest["settings"]["sklearn_digits_test_examples"]
+    )
+    sets = multitask_evaluation_sets(data, max_examples=arguments.max_examples, batch_size=arguments.batch_size)
+    return model, sets
+
+
+def _merge_overrides(arguments: MultiTaskEvaluateArguments) -> dict:
+    overrides = {}
+    if arguments.scale is not None:
+        overrides["scale"] = arguments.scale
+    if arguments.ties_density is not None:
+        overrides["ties_density"] = arguments.ties_density
+    return overrides
+
+
+def _custom_model(arguments: MultiTaskEvaluateArguments):
+    from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
+    from .label_spaces import projection_from_class_names
+
+    datasets_by_task = {}
+    for entry in arguments.task_datasets:
+        task, source = entry.split("=", 1)
+        datasets_by_task[task] = load_evaluation_dataset(
+            source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
+            max_examples=arguments.max_examples, cache_dir=arguments.cache_dir,
+        )  # fmt: skip
+
+    if arguments.model:
+        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model)
+        for key, value in _merge_overrides(arguments).items():
+            setattr(model.config, key, value)
+    else:
+        tasks = {task: label_names(dataset, arguments.label_column) for task, dataset in datasets_by_task.items()}
+        model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            arguments.pretrained, arguments.fine_tuned, tasks=tasks, templates=arguments.templates,
+            progress=arguments.progress, **_merge_overrides(arguments),
+        )  # fmt: skip
+    if model.image_processor is None:
+        raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
+
+    sets = {}
+    for task, dataset in datasets_by_task.items():
+        class_names = model.config.tasks[model.resolve_task(task)]
+        dataset_names = label_names(dataset, arguments.label_column)
+        projection = None if dataset_names == class_names else projection_from_class_names(class_names, dataset_names)
+
+        def batches(dataset=dataset):
+            return iter_image_batches(
+                dataset, model.image_processor, batch_size=arguments.batch_size,
+                image_column=arguments.image_column, label_column=arguments.label_column,
+            )  # fmt: skip
+
+        sets[task] = EvaluationSet(
+            name=task, batches=batches, num_examples=len(dataset), in_distribution=True, projection=projection
+        )
+    return model, sets
+
+
+def write_multitask_results(results: dict, output_dir: Path) -> dict[str, Path]:
+    """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename)."""
+    from .cli import _write_atomically
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    _write_atomically(paths["json"], json.dumps(results, indent=2))
+    _write_atomically(paths["markdown"], summarize_multitask(results, markdown=True) + "\n")
+    return paths
+
+
+def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
+    """Run the multi-task evaluation described by `arguments`, print the table and write the results."""
+    _check_arguments(arguments)
+    torch.manual_seed(arguments.seed)
+    started = time.perf_counter()
+    if arguments.model or arguments.pretrained:
+        model, sets = _custom_model(arguments)
+    else:
+        model, sets = _embedded_suite(arguments)
+    settings = MultiTaskEvaluationSettings(include_ties=arguments.ties, progress=arguments.progress)
+    results = evaluate_multitask(model, sets, settings)
+    results["runtime_seconds"] = round(time.perf_counter() - started, 1)
+    paths = write_multitask_results(results, Path(arguments.output_dir))
+    print()
+    print(f"Accuracy (%) per task; s = {results['settings']['scale']:g}.")
+    print(summarize_multitask(results))
+    print(f"\nResults written to {paths['json']} and {paths['markdown']} ({results['runtime_seconds']} s).")
+    return results
+
+
+def main_multitask(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `hf-dawin evaluate-multitask`; with no arguments it runs the embedded suite.
+
+    Args:
+        argv (`Sequence[str]`, *optional*): Arguments after the subcommand name; defaults to none.
+
+    Returns:
+        `int`: The exit status, 0 on success.
+    """
+    run_evaluate_multitask(parse_multitask_arguments(list(argv or [])))
+    return 0

@@ -1,0 +1,214 @@
+"""Multi-task evaluation: every reported method against the model's own forward modes, tables and the command."""
+
+import copy
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_dawin.evaluation import EvaluationSet
+from hf_dawin.evaluation_multitask import (
+    MultiTaskEvaluationSettings,
+    evaluate_multitask,
+    main_multitask,
+    parse_multitask_arguments,
+    run_evaluate_multitask,
+    summarize_multitask,
+)
+from hf_dawin.modeling_multitask import DaWinMultiTaskCLIPModel
+
+from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, make_clip
+
+
+TASKS = {"animals": list(TINY_CLASS_NAMES), "colours": ["red", "green", "blue"]}
+TEMPLATES = {"animals": ["a photo of a {}."], "colours": ["the colour {}."]}
+
+
+@pytest.fixture(scope="module")
+def shared_model(tiny_processor):
+    pretrained = make_clip(0)
+    # Endpoints named like the tasks, plus one extra, so the expert row is reported.
+    fine_tuned = [make_clip(20 + index, base=pretrained, noise=0.3) for index in range(3)]
+    return DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, fine_tuned, tasks=TASKS, templates=TEMPLATES, processor=tiny_processor,
+        fine_tuned_names=["animals", "colours", "extra"],
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def model(shared_model):
+    # Evaluation fits dataset-mean task weights into the config, so each test gets its own copy.
+    return copy.deepcopy(shared_model)
+
+
+def tensor_set(name: str, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 3) -> EvaluationSet:
+    def batches():
+        # Yield the batches out of order, so results must be put back in example order.
+        starts = list(range(0, len(labels), batch_size))[::-1]
+        for start in starts:
+            indices = torch.arange(start, min(start + batch_size, len(labels)))
+            yield pixel_values[indices], labels[indices], indices
+
+    return EvaluationSet(name=name, batches=batches, num_examples=len(labels), in_distribution=True)
+
+
+@pytest.fixture()
+def task_data():
+    generator = torch.Generator().manual_seed(3)
+    data = {}
+    for task, num_classes in (("animals", 4), ("colours", 3)):
+        pixel_values = torch.randn(8, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
+        labels = torch.randint(0, num_classes, (8,), generator=generator)
+        data[task] = (pixel_values, labels)
+    return data
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=-1) == labels).float().mean())
+
+
+@torch.no_grad()
+def test_scores_match_forward_modes(model, task_data):
+    sets = {task: tensor_set(task, *values) for task, values in task_data.items()}
+    results = evaluate_multitask(model, sets, MultiTaskEvaluationSettings(progress=False))
+
+    assert results["methods"] == [
+        "pretrained", "fine_tuned:animals", "fine_tuned:colours", "fine_tuned:extra", "fine_tuned_expert",
+        "weight_average", "task_arithmetic", "ties", "dawin_dataset_mean", "dawin_sample",
+    ]  # fmt: skip
+    for task, (pixel_values, labels) in task_data.items():
+        scores = results["tasks"][task]["scores"]
+        fine_tuned = model.fine_tuned_logits(pixel_values, task)
+        expected = {
+            "pretrained": accuracy(model(pixel_values=pixel_values, task=task, mode="pretrained").logits, labels),
+            "fine_tuned:animals": accuracy(fine_tuned[:, 0], labels),
+            "fine_tuned:colours": accuracy(fine_tuned[:, 1], labels),
+            "fine_tuned:extra": accuracy(fine_tuned[:, 2], labels),
+            "fine_tuned_expert": accuracy(fine_tuned[:, ["animals", "colours"].index(task)], labels),
+        }
+        for mode in ("weight_average", "task_arithmetic", "ties"):
+            expected[mode] = accuracy(model(pixel_values=pixel_values, task=task, mode=mode).logits, labels)
+        sample = model(pixel_values=pixel_values, task=task, mode="sample")
+        expected["dawin_sample"] = accuracy(sample.logits, labels)
+        model.fit_dataset_coefficients(task, [pixel_values])
+        dataset_mean = model(pixel_values=pixel_values, task=task, mode="dataset_mean")
+        expected["dawin_dataset_mean"] = accuracy(dataset_mean.logits, labels)
+        for method, value in expected.items():
+            assert scores[method]["accuracy"] == pytest.approx(value), f"{task}: {method}"
+
+        weights = results["tasks"][task]["task_weights"]
+        assert weights["mean"] == pytest.approx(sample.task_weights.mean(dim=0).tolist(), abs=1e-5)
+        assert results["tasks"][task]["dataset_mean_coefficients"] == pytest.approx(
+            dataset_mean.coefficients[0].tolist(), abs=1e-5
+        )
+        assert results["tasks"][task]["num_classes"] == len(TASKS[task])
+
+    for method in results["methods"]:
+        per_task = [results["tasks"][task]["scores"][method]["accuracy"] for task in task_data]
+        assert results["summary"][method]["average"] == pytest.approx(np.mean(per_task))
+    json.dumps(results)
+
+
+@torch.no_grad()
+def test_ties_can_be_skipped(model, task_data):
+    sets = {"colours": tensor_set("colours", *task_data["colours"])}
+    results = evaluate_multitask(model, sets, MultiTaskEvaluationSettings(include_ties=False, progress=False))
+    assert "ties" not in results["methods"]
+    assert "ties" not in results["tasks"]["colours"]["scores"]
+
+
+def test_unknown_task_set_rejected(model, task_data):
+    sets = {"shapes": tensor_set("shapes", *task_data["colours"])}
+    with pytest.raises(ValueError, match=r"Unknown task 'shapes'.*'animals', 'colours'"):
+        evaluate_multitask(model, sets, MultiTaskEvaluationSettings(progress=False))
+    with pytest.raises(ValueError, match="task_sets is empty"):
+        evaluate_multitask(model, {}, MultiTaskEvaluationSettings(progress=False))
+
+
+def test_out_of_range_labels_rejected(model, task_data):
+    pixel_values, labels = task_data["colours"]
+    sets = {"colours": tensor_set("colours", pixel_values, torch.full_like(labels, 5))}
+    with pytest.raises(ValueError, match=r"labels \[5\] outside its label space of 3 classes"):
+        evaluate_multitask(model, sets, MultiTaskEvaluationSettings(progress=False))
+
+
+def test_summary_table_lists_every_method(model, task_data):
+    sets = {task: tensor_set(task, *values) for task, values in task_data.items()}
+    results = evaluate_multitask(model, sets, MultiTaskEvaluationSettings(include_ties=False, progress=False))
+    text = summarize_multitask(results)
+    lines = text.splitlines()
+    assert lines[0].split() == ["Method", "animals", "colours", "Average"]
+    assert len(lines) == 2 + len(results["methods"])
+    task_arithmetic = next(line for line in lines if line.startswith("Task arithmetic"))
+    expected = results["summary"]["task_arithmetic"]["average"]
+    assert task_arithmetic.split()[-1] == f"{100 * expected:.2f}"
+
+    markdown = summarize_multitask(results, markdown=True).splitlines()
+    assert markdown[0] == "| Method | animals | colours | Average |"
+    assert markdown[1] == "|---|---:|---:|---:|"
+    assert any(line.startswith("| DaWin (per sample) |") for line in markdown)
+    assert any(line.startswith("| Fine-tuned: extra |") for line in markdown)
+
+
+def save_image_dataset(path, class_names, num_examples: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(num_examples)]
+    labels = rng.integers(0, len(class_names), num_examples).tolist()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+
+
+def test_command_on_saved_model(model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "animals", list(TINY_CLASS_NAMES), 7, seed=0)
+    # A subset of the task's classes, in another order: scored through a label-space projection.
+    save_image_dataset(tmp_path / "colours", ["blue", "red"], 5, seed=1)
+    output_dir = tmp_path / "results"
+    status = main_multitask([
+        "--model", str(tmp_path / "model"),
+        "--task-dataset", f"animals={tmp_path / 'animals'}",
+        "--task-dataset", f"colours={tmp_path / 'colours'}",
+        "--batch-size", "3", "--no-ties", "--no-progress", "--output-dir", str(output_dir),
+    ])  # fmt: skip
+    assert status == 0
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["tasks"]["animals"]["num_examples"] == 7
+    assert results["tasks"]["colours"]["num_classes"] == 2
+    assert "ties" not in results["methods"]
+    markdown = (output_dir / "results.md").read_text()
+    assert markdown == summarize_multitask(results, markdown=True) + "\n"
+    assert "DaWin (per sample)" in capsys.readouterr().out
+    assert not [path.name for path in output_dir.iterdir() if path.name.startswith(".")]
+
+
+def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
+    pretrained_dir, fine_tuned_dir = tiny_pair_dirs
+    save_image_dataset(tmp_path / "pets", ["cat", "dog"], 4, seed=2)
+    arguments = parse_multitask_arguments([
+        "--pretrained", str(pretrained_dir), "--fine-tuned", str(fine_tuned_dir), "--fine-tuned", str(fine_tuned_dir),
+        "--task-dataset", f"pets={tmp_path / 'pets'}", "--scale", "0.5", "--no-progress",
+        "--output-dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    results = run_evaluate_multitask(arguments)
+    assert results["settings"]["scale"] == 0.5
+    assert list(results["tasks"]) == ["pets"]
+    assert results["fine_tuned_names"] == ["fine_tuned_0", "fine_tuned_1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pretrained", "p"], "--pretrained needs at least one --fine-tuned"),
+        (["--model", "m"], "needs one --task-dataset"),
+        (["--task-dataset", "a=b"], "--task-dataset needs a model"),
+        (["--model", "m", "--task-dataset", "ab"], "expects TASK=SOURCE"),
+        (["--model", "m", "--pretrained", "p", "--fine-tuned", "f", "--task-dataset", "a=b"], "not both"),
+        (["--model", "m", "--task-dataset", "a=b", "--scale", "0"], "--scale must be a positive number"),
+    ],
+)
+def test_command_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main_multitask(argv)

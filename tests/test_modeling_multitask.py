@@ -1,0 +1,454 @@
+"""DaWinMultiTaskCLIPModel: task weights, exact per-sample merges, static modes, persistence and bad input."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
+
+from hf_dawin.configuration_multitask import DaWinMultiTaskCLIPConfig
+from hf_dawin.interpolation import merge_task_vectors
+from hf_dawin.merging import ties_merge_state_dicts
+from hf_dawin.modeling_multitask import (
+    DaWinMultiTaskCLIPModel,
+    coefficients_from_task_weights,
+    task_weights_from_entropies,
+)
+
+from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, make_clip, tiny_clip_config
+
+
+TASKS = {"animals": list(TINY_CLASS_NAMES), "colours": ["red", "green", "blue"]}
+TEMPLATES = {"animals": ["a photo of a {}.", "a drawing of a {}."], "colours": ["something {}.", "the colour {}."]}
+
+
+def build_model(processor, num_fine_tuned: int = 3, **kwargs) -> DaWinMultiTaskCLIPModel:
+    pretrained = make_clip(0)
+    fine_tuned = [make_clip(10 + index, base=pretrained, noise=0.3) for index in range(num_fine_tuned)]
+    return DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, fine_tuned, tasks=TASKS, templates=TEMPLATES, processor=processor, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_model(tiny_processor):
+    return build_model(tiny_processor)
+
+
+@pytest.fixture()
+def model(shared_model):
+    # Tests change the config (default task, fitted task weights), so each gets its own copy.
+    return copy.deepcopy(shared_model)
+
+
+@pytest.fixture()
+def images():
+    generator = torch.Generator().manual_seed(7)
+    return torch.randn(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
+
+
+def merged_head(model, task: str, coefficients) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta_0 + sum_t c_t (theta_t - theta_0) for one task's heads, written out by hand."""
+    heads = model.heads[model.config.task_names.index(task)]
+    weight, bias = heads[0].weight.detach().clone(), heads[0].bias.detach().clone()
+    for coefficient, head in zip(coefficients, heads[1:]):
+        weight += coefficient * (head.weight.detach() - heads[0].weight.detach())
+        bias += coefficient * (head.bias.detach() - heads[0].bias.detach())
+    return weight, bias
+
+
+def plain_clip_logits(clip: CLIPModel, weight: torch.Tensor, bias: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    features = F.normalize(clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    return features @ weight.T + bias
+
+
+@torch.no_grad()
+def explicit_merged_logits(model, task: str, pixel_values: torch.Tensor, coefficients) -> torch.Tensor:
+    """Logits of a separately merged plain CLIPModel and head, computed without any mixing layer."""
+    coefficients = [float(value) for value in coefficients]
+    state = merge_task_vectors(
+        model.pretrained.state_dict(), [endpoint.state_dict() for endpoint in model.fine_tuned], coefficients
+    )
+    clip = CLIPModel(model.pretrained.config).eval()
+    clip.load_state_dict(state)
+    return plain_clip_logits(clip, *merged_head(model, task, coefficients), pixel_values)
+
+
+@torch.no_grad()
+def explicit_entropies(model, task: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Entropy of each fine-tuned endpoint with its own head, from plain CLIP calls; shape (batch, T)."""
+    heads = model.heads[model.config.task_names.index(task)]
+    columns = []
+    for endpoint, head in zip(model.fine_tuned, heads[1:]):
+        probabilities = plain_clip_logits(endpoint, head.weight, head.bias, pixel_values).double().softmax(dim=-1)
+        columns.append(-(probabilities * probabilities.log()).sum(dim=-1))
+    return torch.stack(columns, dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coefficients
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_task_weights_softmax_negative_entropies():
+    entropies = torch.tensor([[0.0, math.log(2.0), math.log(4.0)], [1.0, 1.0, 1.0]])
+    # exp(-H) = (1, 1/2, 1/4), normalised by 7/4.
+    expected = torch.tensor([[4 / 7, 2 / 7, 1 / 7], [1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(task_weights_from_entropies(entropies), expected)
+
+
+def test_coefficients_scale_by_s_times_t():
+    weights = torch.tensor([[0.5, 0.25, 0.25]])
+    torch.testing.assert_close(coefficients_from_task_weights(weights, 0.3), torch.tensor([[0.45, 0.225, 0.225]]))
+    uniform = torch.full((2, 4), 0.25)
+    torch.testing.assert_close(coefficients_from_task_weights(uniform, 0.3), torch.full((2, 4), 0.3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exactness of the per-sample merge
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_sample_mode_matches_explicit_merges(model, images):
+    for task in TASKS:
+        outputs = model(pixel_values=images, task=task, mode="sample")
+        entropies = explicit_entropies(model, task, images)
+        torch.testing.assert_close(outputs.entropies, entropies, atol=1e-5, rtol=1e-5)
+        expected_coefficients = 0.3 * 3 * torch.softmax(-entropies, dim=-1)
+        torch.testing.assert_close(outputs.coefficients, expected_coefficients, atol=1e-5, rtol=1e-5)
+        assert outputs.logits.shape == (images.shape[0], len(TASKS[task]))
+        for index in range(images.shape[0]):
+            expected = explicit_merged_logits(model, task, images[index : index + 1], outputs.coefficients[index])
+            difference = (outputs.logits[index] - expected[0]).abs().max().item()
+            assert difference < 1e-4, f"task {task}, sample {index}: {difference}"
+
+
+@torch.no_grad()
+def test_interpolated_logits_arbitrary_coefficients(model, images):
+    coefficients = torch.tensor(
+        [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.7, -0.2, 0.4], [1.3, 0.5, 0.1]]
+    )
+    mixed = model.interpolated_logits(images, "animals", coefficients)
+    for index in range(images.shape[0]):
+        expected = explicit_merged_logits(model, "animals", images[index : index + 1], coefficients[index])
+        assert (mixed[index] - expected[0]).abs().max().item() < 1e-4, f"sample {index}"
+
+
+@torch.no_grad()
+def test_endpoint_logits_match_plain_clip(model, images):
+    heads = model.heads[model.config.task_names.index("colours")]
+    pretrained = plain_clip_logits(model.pretrained, heads[0].weight, heads[0].bias, images)
+    torch.testing.assert_close(model.pretrained_logits(images, "colours"), pretrained, atol=1e-5, rtol=0)
+    fine_tuned = model.fine_tuned_logits(images, "colours")
+    assert fine_tuned.shape == (images.shape[0], 3, 3)
+    for index, (endpoint, head) in enumerate(zip(model.fine_tuned, heads[1:])):
+        expected = plain_clip_logits(endpoint, head.weight, head.bias, images)
+        torch.testing.assert_close(fine_tuned[:, index], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_prediction_independent_of_batch(model, images):
+    full = model(pixel_values=images, task="animals").logits
+    for index in range(images.shape[0]):
+        alone = model(pixel_values=images[index : index + 1], task="animals").logits
+        torch.testing.assert_close(alone[0], full[index], atol=1e-5, rtol=0)
+    order = torch.tensor([4, 2, 0, 3, 1])
+    shuffled = model(pixel_values=images[order], task="animals").logits
+    torch.testing.assert_close(shuffled, full[order], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reductions to task arithmetic
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_single_endpoint_is_task_arithmetic(tiny_processor, images):
+    model = build_model(tiny_processor, num_fine_tuned=1, scale=0.4)
+    sample = model(pixel_values=images, task="animals", mode="sample")
+    torch.testing.assert_close(sample.task_weights, torch.ones(images.shape[0], 1))
+    torch.testing.assert_close(sample.coefficients, torch.full((images.shape[0], 1), 0.4))
+    arithmetic = model(pixel_values=images, task="animals", mode="task_arithmetic")
+    torch.testing.assert_close(sample.logits, arithmetic.logits, atol=1e-5, rtol=0)
+    expected = explicit_merged_logits(model, "animals", images, [0.4])
+    assert (sample.logits - expected).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_equal_entropies_give_task_arithmetic(tiny_processor, images):
+    # Identical fine-tuned endpoints have identical entropies on every image, so pi is uniform.
+    pretrained = make_clip(0)
+    fine_tuned = make_clip(11, base=pretrained, noise=0.3)
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, [fine_tuned, copy.deepcopy(fine_tuned), copy.deepcopy(fine_tuned)],
+        tasks=TASKS, templates=TEMPLATES, processor=tiny_processor,
+    )  # fmt: skip
+    sample = model(pixel_values=images, task="colours", mode="sample")
+    torch.testing.assert_close(sample.task_weights, torch.full((images.shape[0], 3), 1 / 3))
+    torch.testing.assert_close(sample.coefficients, torch.full((images.shape[0], 3), 0.3))
+    arithmetic = model(pixel_values=images, task="colours", mode="task_arithmetic")
+    torch.testing.assert_close(sample.logits, arithmetic.logits, atol=1e-5, rtol=0)
+    expected = explicit_merged_logits(model, "colours", images, [0.3, 0.3, 0.3])
+    assert (arithmetic.logits - expected).abs().max().item() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static modes
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("mode", "coefficients"),
+    [("task_arithmetic", [0.3, 0.3, 0.3]), ("weight_average", [1 / 3, 1 / 3, 1 / 3]), ("pretrained", [0.0, 0.0, 0.0])],
+)
+def test_static_modes_match_explicit_merges(model, images, mode, coefficients):
+    outputs = model(pixel_values=images, task="animals", mode=mode)
+    torch.testing.assert_close(outputs.coefficients, torch.tensor([coefficients] * images.shape[0]))
+    expected = explicit_merged_logits(model, "animals", images, coefficients)
+    assert (outputs.logits - expected).abs().max().item() < 1e-4
+    assert outputs.entropies is None
+
+
+@torch.no_grad()
+def test_weight_average_is_mean_of_fine_tuned(model, images):
+    state = {
+        key: torch.stack([endpoint.state_dict()[key].float() for endpoint in model.fine_tuned]).mean(dim=0)
+        for key in model.pretrained.state_dict()
+        if model.pretrained.state_dict()[key].is_floating_point()
+    }
+    clip = CLIPModel(model.pretrained.config).eval()
+    clip.load_state_dict(state, strict=False)
+    heads = model.heads[0]
+    weight = torch.stack([head.weight for head in heads[1:]]).mean(dim=0)
+    bias = torch.stack([head.bias for head in heads[1:]]).mean(dim=0)
+    expected = plain_clip_logits(clip, weight, bias, images)
+    actual = model(pixel_values=images, task="animals", mode="weight_average").logits
+    assert (actual - expected).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_dataset_mean_mode_uses_fitted_weights(model, images):
+    with pytest.raises(ValueError, match="fit_dataset_coefficients"):
+        model(pixel_values=images, task="colours", mode="dataset_mean")
+    coefficients = model.fit_dataset_coefficients("colours", [images[:3], {"pixel_values": images[3:]}])
+    task_weights = model(pixel_values=images, task="colours", mode="sample").task_weights
+    torch.testing.assert_close(coefficients, 0.9 * task_weights.mean(dim=0), atol=1e-6, rtol=1e-5)
+    assert model.config.dataset_task_weights["colours"] == pytest.approx(task_weights.mean(dim=0).tolist(), abs=1e-6)
+
+    outputs = model(pixel_values=images, task="colours", mode="dataset_mean")
+    torch.testing.assert_close(outputs.coefficients, coefficients.expand(images.shape[0], -1))
+    expected = explicit_merged_logits(model, "colours", images, coefficients)
+    assert (outputs.logits - expected).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="'animals'"):
+        model(pixel_values=images, task="animals", mode="dataset_mean")
+
+
+@torch.no_grad()
+def test_ties_mode_matches_ties_merged_clip(tiny_processor, images):
+    model = build_model(tiny_processor, ties_density=0.5, ties_scale=0.8)
+    state = ties_merge_state_dicts(
+        model.pretrained.state_dict(), [endpoint.state_dict() for endpoint in model.fine_tuned], density=0.5, scale=0.8
+    )
+    clip = CLIPModel(model.pretrained.config).eval()
+    clip.load_state_dict(state)
+    heads = model.heads[1]
+    head_state = ties_merge_state_dicts(
+        heads[0].state_dict(), [head.state_dict() for head in heads[1:]], density=0.5, scale=0.8
+    )
+    expected = plain_clip_logits(clip, head_state["weight"], head_state["bias"], images)
+    outputs = model(pixel_values=images, task="colours", mode="ties")
+    assert outputs.coefficients is None
+    assert (outputs.logits - expected).abs().max().item() < 1e-4
+    for key, value in model.merge_ties().state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=f"TIES-merged {key}")
+
+
+def test_ties_merge_by_hand():
+    base = {"w": torch.zeros(4), "ids": torch.arange(4)}
+    endpoints = [
+        {"w": torch.tensor([1.0, -2.0, 0.1, 0.0]), "ids": torch.arange(4)},
+        {"w": torch.tensor([3.0, 1.0, 0.0, -0.2]), "ids": torch.arange(4)},
+    ]
+    # Trimming keeps 2 of 4 entries each: [1, -2, 0, 0] and [3, 1, 0, 0]. The elected signs are (+, -), so the
+    # disjoint means are (2, -2).
+    merged = ties_merge_state_dicts(base, endpoints, density=0.5, scale=1.0)
+    torch.testing.assert_close(merged["w"], torch.tensor([2.0, -2.0, 0.0, 0.0]))
+    torch.testing.assert_close(merged["ids"], torch.arange(4))
+    # With everything kept, one endpoint gives base + scale * tau.
+    single = ties_merge_state_dicts({"w": torch.ones(3)}, [{"w": torch.tensor([2.0, 0.0, 1.0])}], density=1.0, scale=0.5)
+    torch.testing.assert_close(single["w"], torch.tensor([1.5, 0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"density .* \(0, 1\]"):
+        ties_merge_state_dicts(base, endpoints, density=0.0)
+
+
+@torch.no_grad()
+def test_labels_give_cross_entropy_loss(model, images):
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    outputs = model(pixel_values=images, task="colours", labels=labels)
+    torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving, loading, pipelines and exports
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_save_load_round_trip(model, images, tmp_path):
+    model.fit_dataset_coefficients("animals", [images])
+    model.config.default_task = "colours"
+    expected_sample = model(pixel_values=images)
+    expected_dataset_mean = model(pixel_values=images, task="animals", mode="dataset_mean")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "preprocessor_config.json").exists()
+
+    loaded = DaWinMultiTaskCLIPModel.from_pretrained(tmp_path)
+    assert loaded.config.tasks == TASKS
+    assert loaded.config.templates == TEMPLATES
+    assert loaded.config.default_task == "colours"
+    assert loaded.config.id2label == {0: "red", 1: "green", 2: "blue"}
+    assert loaded.config.dataset_task_weights == model.config.dataset_task_weights
+    assert loaded.config.fine_tuned_names == model.config.fine_tuned_names
+    assert loaded.image_processor is not None
+    actual_sample = loaded(pixel_values=images)
+    torch.testing.assert_close(actual_sample.logits, expected_sample.logits, atol=0, rtol=0)
+    torch.testing.assert_close(actual_sample.coefficients, expected_sample.coefficients, atol=0, rtol=0)
+    actual_dataset_mean = loaded(pixel_values=images, task="animals", mode="dataset_mean")
+    torch.testing.assert_close(actual_dataset_mean.logits, expected_dataset_mean.logits, atol=0, rtol=0)
+    loaded_state = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded_state[key], value, atol=0, rtol=0, msg=f"{key} changed on load")
+
+
+def test_auto_classes_load_saved_model(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DaWinMultiTaskCLIPConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), DaWinMultiTaskCLIPModel)
+    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path), DaWinMultiTaskCLIPModel)
+
+
+@torch.no_grad()
+def test_pipeline_classifies_default_task(model):
+    model.config.default_task = "colours"
+    classifier = pipeline("image-classification", model=model, image_processor=model.image_processor)
+    pixels = np.random.default_rng(0).integers(0, 256, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    predictions = classifier(image, top_k=3)
+    assert sorted(prediction["label"] for prediction in predictions) == ["blue", "green", "red"]
+
+    pixel_values = model.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    probabilities = model(pixel_values=pixel_values).logits.softmax(dim=-1)[0]
+    for prediction in predictions:
+        expected = probabilities[model.config.label2id[prediction["label"]]].item()
+        assert prediction["score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_default_task_switches_labels():
+    config = DaWinMultiTaskCLIPConfig(tasks=TASKS, num_fine_tuned=2)
+    assert config.default_task == "animals"
+    assert config.id2label == dict(enumerate(TINY_CLASS_NAMES))
+    config.default_task = "colours"
+    assert config.id2label == {0: "red", 1: "green", 2: "blue"}
+    assert config.label2id == {"red": 0, "green": 1, "blue": 2}
+    with pytest.raises(ValueError, match="'animals', 'colours'"):
+        config.default_task = "shapes"
+
+
+@torch.no_grad()
+def test_merge_returns_plain_clip(model, tmp_path):
+    merged = model.merge([0.2, 0.5, -0.1])
+    assert type(merged) is CLIPModel
+    merged.save_pretrained(tmp_path)
+    reloaded = CLIPModel.from_pretrained(tmp_path)
+    expected = merge_task_vectors(
+        model.pretrained.state_dict(), [endpoint.state_dict() for endpoint in model.fine_tuned], [0.2, 0.5, -0.1]
+    )
+    reloaded_state = reloaded.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(reloaded_state[key], value, msg=f"merged {key}")
+    assert any(key.startswith("text_model.") for key in expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_task_lists_tasks(model, images):
+    with pytest.raises(ValueError, match=r"Unknown task 'shapes'.*'animals', 'colours'"):
+        model(pixel_values=images, task="shapes")
+    with pytest.raises(ValueError, match=r"Unknown task 'shapes'.*'animals', 'colours'"):
+        model.fine_tuned_logits(images, "shapes")
+
+
+def test_no_fine_tuned_endpoint_rejected(tiny_processor):
+    with pytest.raises(ValueError, match="at least one fine-tuned endpoint"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(make_clip(0), [], tasks=TASKS, processor=tiny_processor)
+    with pytest.raises(ValueError, match="at least one fine-tuned endpoint"):
+        DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPConfig(clip_config=tiny_clip_config().to_dict(), tasks=TASKS))
+
+
+def test_single_endpoint_not_in_list_rejected(tiny_processor):
+    with pytest.raises(TypeError, match="list of endpoints"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            make_clip(0), make_clip(1), tasks=TASKS, processor=tiny_processor
+        )
+
+
+def test_tasks_not_mapping_rejected(tiny_processor):
+    pretrained = make_clip(0)
+    with pytest.raises(TypeError, match="tasks must map each task name to its class names"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [make_clip(1, base=pretrained)], tasks=["cat", "dog"], processor=tiny_processor
+        )
+
+
+def test_architecture_mismatch_names_keys(tiny_processor):
+    pretrained = make_clip(0)
+    shallower = make_clip(1, config=tiny_clip_config(num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"Missing from the fine-tuned #1 \(.*\) endpoint") as error:
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [make_clip(2, base=pretrained), shallower], tasks=TASKS, processor=tiny_processor
+        )
+    assert "vision_model.encoder.layers.1.mlp.fc1.weight" in str(error.value)
+    wider = make_clip(3, config=tiny_clip_config(intermediate_size=48))
+    with pytest.raises(ValueError, match=r"Shape mismatches .*vision_model.encoder.layers.0.mlp.fc1.weight: \(64, 32\) vs \(48, 32\)"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(pretrained, [wider], tasks=TASKS, processor=tiny_processor)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "mixture"}, "Unknown multi-task DaWin mode 'mixture'"),
+        ({"scale": -0.3}, "scale .* positive finite number, received -0.3"),
+        ({"default_task": "shapes"}, r"Unknown task 'shapes'"),
+        ({"templates": {"shapes": ["a {}."]}}, r"not in `tasks`: \['shapes'\]"),
+        ({"ties_density": 1.5}, r"ties_density .* \(0, 1\], received 1.5"),
+        ({"fine_tuned_names": ["a", "a", "b"]}, "one distinct name per fine-tuned endpoint"),
+        ({"tasks": {"animals": []}}, "class_names is empty"),
+    ],
+)
+def test_invalid_settings_rejected(tiny_processor, kwargs, message):
+    pretrained = make_clip(0)
+    fine_tuned = [make_clip(10 + index, base=pretrained) for index in range(3)]
+    arguments = {"tasks": TASKS, "processor": tiny_processor, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(pretrained, fine_tuned, **arguments)
+
+
+def test_bad_coefficients_and_pixels_rejected(model, images):
+    with pytest.raises(ValueError, match=r"one coefficient per fine-tuned endpoint \(3\), received 2"):
+        model.merge([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"shape \(batch_size, 3\)"):
+        model.interpolated_logits(images, "animals", torch.zeros(images.shape[0], 2))
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        model(pixel_values=images[0])
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model(task="animals")
