@@ -19,6 +19,8 @@ logger = logging.get_logger(__name__)
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATES_NAME = "default"
 PLACEHOLDER = "{}"
+# Used when the bundled template files are absent, for example in a remote-code copy of the package modules.
+FALLBACK_TEMPLATE = "a photo of a {}."
 
 
 def _bundled_names() -> list[str]:
@@ -130,6 +132,16 @@ def load_templates(path_or_name: str | Path | None = None) -> list[str]:
     path = Path(path_or_name)
     if isinstance(path_or_name, str) and path_or_name in _bundled_names() and not path.exists():
         path = TEMPLATES_DIR / f"{path_or_name}.txt"
+    if path_or_name == DEFAULT_TEMPLATES_NAME and not path.exists() and not TEMPLATES_DIR.is_dir():
+        # The package data is absent when the module runs as remote code copied beside a saved model.
+        logger.warning(
+            "The bundled template set %r is not available (%s is missing), so the single template %r is used. "
+            "Pass templates explicitly to build zero-shot heads with a fuller set.",
+            DEFAULT_TEMPLATES_NAME,
+            TEMPLATES_DIR,
+            FALLBACK_TEMPLATE,
+        )
+        return [FALLBACK_TEMPLATE]
     if not path.is_file():
         raise FileNotFoundError(
             f"Template file {str(path_or_name)!r} does not exist. Pass the path of a text file (one template "

@@ -1,0 +1,804 @@
+"""Hugging Face Hub artifacts of DaWin models: one-commit uploads with a model card, and plain CLIP exports.
+
+`push_dawin_to_hub` saves a [`DaWinCLIPModel`] (config, both endpoints, heads, fitted mixture, processor and the
+modeling code for `trust_remote_code`) into a temporary folder, renders a model card from the templates in
+`model_cards/`, and uploads everything in one commit with `HfApi.create_commit`. `save_merged_components` and
+`push_merged_component` export interpolated weights as ordinary `CLIPModel` repositories, and
+`push_results_to_hub` writes evaluation results into an existing repository's card.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers.utils import logging
+
+from .configuration_dawin import check_alpha
+from .evaluation import METHOD_LABELS, summarize
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CARD_TAGS",
+    "MODEL_CARDS_DIR",
+    "build_merged_model_card",
+    "build_model_card",
+    "eval_results_from",
+    "method_for_mode",
+    "push_dawin_to_hub",
+    "push_merged_component",
+    "push_results_to_hub",
+    "save_merged_components",
+    "update_card_results",
+]
+
+MODEL_CARDS_DIR = Path(__file__).parent / "model_cards"
+DAWIN_CARD_TEMPLATE = MODEL_CARDS_DIR / "dawin_model_card.md"
+MERGED_CARD_TEMPLATE = MODEL_CARDS_DIR / "merged_model_card.md"
+RESULTS_CARD_TEMPLATE = MODEL_CARDS_DIR / "results_model_card.md"
+
+CARD_TAGS = ("dawin", "clip", "weight-interpolation", "robust-fine-tuning", "distribution-shift", "model-merging")
+MERGED_CARD_TAGS = ("dawin", "clip", "weight-interpolation", "wise-ft", "robust-fine-tuning", "model-merging", "merge")
+
+# The evaluation section of a card lies between these markers, so `push_results_to_hub` can replace it.
+RESULTS_START_MARKER = "<!-- hf-dawin evaluation start -->"
+RESULTS_END_MARKER = "<!-- hf-dawin evaluation end -->"
+
+# The evaluation method whose scores describe a model saved in each mode. "static" is handled apart, because
+# its score comes from the WiSE-FT sweep at the configured alpha.
+MODE_METHODS = {
+    "sample": "dawin_sample",
+    "mixture": "dawin_mixture",
+    "zero_shot": "zero_shot",
+    "fine_tuned": "fine_tuned",
+    "output_ensemble": "output_ensemble",
+}
+
+CITATION = """@inproceedings{oh2025dawin,
+  title     = {{DaWin}: Training-free Dynamic Weight Interpolation for Robust Adaptation},
+  author    = {Oh, Changdae and Li, Yixuan and Song, Kyungwoo and Yun, Sangdoo and Han, Dongyoon},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025},
+  url       = {https://arxiv.org/abs/2410.03782}
+}"""
+
+_MAX_LISTED_CLASSES = 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Card pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hub_repo_id(source: str | None, *, require_namespace: bool = True) -> str | None:
+    """Return `source` if it names a Hub repository rather than a local path, else None.
+
+    Names without a namespace (`"model"`) are valid Hub ids but more often relative folders, so they count only
+    when `require_namespace` is False.
+    """
+    if not source or os.path.exists(source) or (require_namespace and "/" not in source):
+        return None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return source
+
+
+def _describe_source(source: str | None) -> str:
+    hub_id = _hub_repo_id(source)
+    if hub_id is not None:
+        return f"[{hub_id}](https://huggingface.co/{hub_id})"
+    if source:
+        return f"local checkpoint `{Path(source).name}`"
+    return "a loaded `CLIPModel`"
+
+
+def _base_models(config) -> list[str]:
+    sources = [config.zero_shot_name_or_path, config.fine_tuned_name_or_path]
+    base_models = []
+    for source in sources:
+        hub_id = _hub_repo_id(source)
+        if hub_id is not None and hub_id not in base_models:
+            base_models.append(hub_id)
+    if len(base_models) < len(sources):
+        logger.info(
+            "Only endpoints loaded from Hub ids are listed as base_model in the model card; local folders and "
+            "loaded models are described in the card text."
+        )
+    return base_models
+
+
+def _head_description(head_sources: Mapping | None, endpoint: str) -> str:
+    source = (head_sources or {}).get(endpoint)
+    if source == "text":
+        return "zero-shot head from the endpoint's text tower and the prompt templates"
+    if source == "linear":
+        return "trained linear head"
+    return "stored linear head"
+
+
+def _class_list(class_names: Sequence[str]) -> str:
+    shown = ", ".join(f"`{name}`" for name in class_names[:_MAX_LISTED_CLASSES])
+    if len(class_names) > _MAX_LISTED_CLASSES:
+        shown += f" and {len(class_names) - _MAX_LISTED_CLASSES} more (see `id2label` in config.json)"
+    return shown
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _settings_table(config) -> str:
+    zero_shot_temperature, fine_tuned_temperature = (repr(float(value)) for value in config.temperatures)
+    rows = [
+        ("mode", f"`{config.mode}`"),
+        ("temperatures (zero-shot, fine-tuned)", f"{zero_shot_temperature}, {fine_tuned_temperature}"),
+        ("offset adjustment", "on" if config.offset_adjustment else "off"),
+        ("mixture components requested", config.n_components),
+        ("Beta mixture", "fitted (below)" if config.mixture else "not fitted"),
+        ("static alpha (`\"static\"` mode)", repr(float(config.alpha))),
+    ]
+    return _markdown_table(("Setting", "Value"), rows)
+
+
+def _mode_description(config) -> str:
+    descriptions = {
+        "sample": (
+            "In `\"sample\"` mode every image gets its own coefficient and exactly interpolated weights, at about "
+            "four forward passes of the image tower per image."
+        ),
+        "mixture": (
+            "In `\"mixture\"` mode every image takes the mean coefficient of its most responsible Beta mixture "
+            "component, so at most one merged model per component runs."
+        ),
+        "static": (
+            f"In `\"static\"` mode every image uses the WiSE-FT weights at alpha = {config.alpha:g} on the "
+            "fine-tuned endpoint."
+        ),
+        "zero_shot": "In `\"zero_shot\"` mode the zero-shot endpoint alone classifies.",
+        "fine_tuned": "In `\"fine_tuned\"` mode the fine-tuned endpoint alone classifies.",
+        "output_ensemble": (
+            "In `\"output_ensemble\"` mode the endpoints' predicted probabilities are mixed with the per-image "
+            "coefficient instead of their weights; the logits are the log-probabilities of that mixture."
+        ),
+    }
+    description = descriptions[config.mode]
+    if config.offset_adjustment:
+        description += (
+            " The offset adjustment shifts each coefficient with set-level entropy statistics: "
+            "λ(x) = (e_1 + c) / (e_0 + e_1 + b)."
+        )
+    return description
+
+
+def _mixture_block(config) -> str:
+    """Describe the fitted mixture's parameters, or return an empty string without a fitted mixture."""
+    mixture = config.mixture
+    if not mixture or "weights" not in mixture:
+        return ""
+    rows = []
+    for index, (weight, alpha, beta) in enumerate(zip(mixture["weights"], mixture["alphas"], mixture["betas"])):
+        rows.append((index, f"{weight:.6g}", f"{alpha:.6g}", f"{beta:.6g}", f"{alpha / (alpha + beta):.6g}"))
+    table = _markdown_table(("Component", "Weight", "Beta α", "Beta β", "Coefficient (mean)"), rows)
+    summary = (
+        f"Fitted Beta mixture over the coefficients: {len(rows)} of {mixture['n_components']} requested "
+        f"components, mean log-likelihood {mixture['log_likelihood']:.6g} (EM iterations: {mixture['n_iter']}). "
+        "Values are rounded to 6 significant digits; config.json stores them in full."
+    )
+    return f"{summary}\n\n{table}\n\n"
+
+
+def _statistics_block(config) -> str:
+    statistics = config.entropy_statistics
+    if not statistics:
+        return ""
+    rows = [
+        ("zero-shot", f"{statistics['zero_shot_mean']:.4f}", f"{statistics['zero_shot_std']:.4f}"),
+        ("fine-tuned", f"{statistics['fine_tuned_mean']:.4f}", f"{statistics['fine_tuned_std']:.4f}"),
+    ]
+    table = _markdown_table(("Endpoint", "Mean entropy", "Standard deviation"), rows)
+    return (
+        "Calibrated entropy statistics (nats), used by the offset adjustment, computed on "
+        f"{statistics['num_samples']} calibration images:\n\n{table}\n\n"
+    )
+
+
+def _templates_block(templates: Sequence[str] | None) -> str:
+    if not templates:
+        return ""
+    examples = ", ".join(f"`{template}`" for template in templates[:3])
+    more = ", ..." if len(templates) > 3 else ""
+    return f"Zero-shot heads were built from {len(templates)} prompt templates ({examples}{more}).\n\n"
+
+
+def _default_model_name(repo_id: str | None, fallback: str) -> str:
+    return repo_id.split("/")[-1] if repo_id else fallback
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation results
+# ----------------------------------------------------------------------------------------------------------
+
+
+def method_for_mode(config) -> str | None:
+    """Return the evaluation method (a key of `results["sets"][name]["scores"]`) matching a model's saved mode.
+
+    `"static"` mode returns None, because the WiSE-FT sweep reports accuracy only. [`eval_results_from`] then reads
+    the accuracy from the sweep when the configured alpha is part of it.
+    """
+    return MODE_METHODS.get(config.mode)
+
+
+def eval_results_from(
+    results: Mapping,
+    *,
+    method: str | None = "dawin_sample",
+    static_alpha: float | None = None,
+) -> list[EvalResult]:
+    """Turn an evaluation into `huggingface_hub.EvalResult` entries for a card's `model-index`.
+
+    Each evaluation set gives one accuracy entry and, when the method has one, a macro-F1 entry, both with task
+    `image-classification`. The dataset type is the set's Hub id when `results["dataset_sources"]` records one,
+    else the set name.
+
+    Args:
+        results (`Mapping`): Output of `hf_dawin.evaluation.evaluate_pair`.
+        method (`str`, *optional*, defaults to `"dawin_sample"`): Method whose scores are reported, for example
+            `"dawin_mixture"`. None reads the WiSE-FT sweep at `static_alpha`.
+        static_alpha (`float`, *optional*): Alpha of the WiSE-FT sweep reported when `method` is None.
+
+    Returns:
+        `list[EvalResult]`, in the order of `results["sets"]`.
+
+    Raises:
+        ValueError: If `method` has no scores in `results`, or `static_alpha` is not part of the sweep.
+    """
+    sets = results["sets"]
+    sources = results.get("dataset_sources") or {}
+    entries = []
+    if method is None:
+        if static_alpha is None:
+            raise ValueError("eval_results_from needs a method or, for static weights, static_alpha.")
+        alphas = [float(alpha) for alpha in results["wise_ft_sweep"]["alphas"]]
+        matches = [index for index, alpha in enumerate(alphas) if math.isclose(alpha, static_alpha)]
+        if not matches:
+            raise ValueError(
+                f"The WiSE-FT sweep covers alphas {alphas}, which do not include the model's static alpha "
+                f"{static_alpha:g}. Evaluate with --alphas including {static_alpha:g}."
+            )
+        for name in sets:
+            accuracy = results["wise_ft_sweep"]["accuracy"][name][matches[0]]
+            entries.append(_eval_result(name, sources, "accuracy", accuracy, "Accuracy"))
+        return entries
+
+    for name, entry in sets.items():
+        if method not in entry["scores"]:
+            raise ValueError(
+                f"Set '{name}' has no scores for method {method!r}. Its methods are {sorted(entry['scores'])}."
+            )
+        scores = entry["scores"][method]
+        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], "Accuracy"))
+        if "f1" in scores:
+            entries.append(_eval_result(name, sources, "f1", scores["f1"], "Macro F1", {"average": "macro"}))
+    return entries
+
+
+def _eval_result(name, sources, metric_type, value, metric_name, metric_args=None) -> EvalResult:
+    return EvalResult(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=_hub_repo_id(sources.get(name), require_namespace=False) or name,
+        dataset_name=name,
+        metric_type=metric_type,
+        metric_name=metric_name,
+        metric_value=float(value),
+        metric_args=metric_args,
+    )
+
+
+def _results_section(results: Mapping | None, method: str | None, repo_id: str | None) -> str:
+    """Render the evaluation section, between the markers that `update_card_results` replaces."""
+    if results is None:
+        body = (
+            "No evaluation results were given when this card was written. `hf-dawin evaluate --model "
+            f"{repo_id or 'MODEL'} ... --push-results {repo_id or 'REPO'}` adds them here."
+        )
+    else:
+        id_name = results["in_distribution"]
+        ood_names = results.get("out_of_distribution") or []
+        rows = []
+        for name, entry in results["sets"].items():
+            role = "ID" if name == id_name else "OOD"
+            skipped = entry.get("num_skipped", 0)
+            rows.append((name, role, entry["num_examples"], skipped, entry["num_classes"]))
+        sets_table = _markdown_table(("Set", "Role", "Images", "Skipped (unreadable)", "Classes"), rows)
+        reported = METHOD_LABELS.get(method, method) if method else "WiSE-FT at the saved alpha"
+        shifts = ", ".join(ood_names) if ood_names else "none"
+        body = "\n\n".join(
+            [
+                f"In-distribution (ID) set: {id_name}. Distribution shifts (OOD): {shifts}.",
+                sets_table,
+                "Accuracy (%) of DaWin and its baselines. OOD avg is the mean over the shifted sets, and the oracle "
+                "reads the labels, so it is an upper bound for analysis only.",
+                summarize(dict(results), markdown=True),
+                f"The `model-index` metadata of this card reports {reported}.",
+            ]
+        )
+    return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
+
+
+def _render(template: Path, card_data: ModelCardData, **values) -> ModelCard:
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"Model card template {template} is missing; reinstall hf_dawin so that its package data is present."
+        )
+    return ModelCard.from_template(card_data, template_path=str(template), **values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DaWin model cards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_model_card(
+    model,
+    *,
+    repo_id: str | None = None,
+    results: Mapping | None = None,
+    method: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
+    """Render the model card of a DaWin model from the package template.
+
+    The metadata lists the Hub endpoints as `base_model`, `pipeline_tag: image-classification`, the DaWin tags and
+    `library_name: transformers`. With `results`, the metadata gets `model-index` entries and the text an accuracy
+    table. The text states the interpolation settings, the fitted mixture and usage code.
+
+    Args:
+        model ([`DaWinCLIPModel`]): The model to describe.
+        repo_id (`str`, *optional*): Repository id used in the title and the usage code.
+        results (`Mapping`, *optional*): Output of `hf_dawin.evaluation.evaluate_pair`.
+        method (`str`, *optional*): Method reported in `model-index`; defaults to the model's mode (see
+            [`method_for_mode`]).
+        tags (`Sequence[str]`, *optional*): Tags added to the DaWin tags.
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+
+    Example:
+
+    ```python
+    >>> card = build_model_card(model, repo_id="my-org/clip-dawin", results=results)
+    >>> card.data.base_model
+    ['openai/clip-vit-base-patch32', 'my-org/clip-vit-base-patch32-imagenet']
+    ```
+    """
+    config = model.config
+    model_name = _default_model_name(repo_id, "DaWin CLIP classifier")
+    method = method or method_for_mode(config)
+    eval_results = None
+    if results is not None:
+        static_alpha = config.alpha if method is None else None
+        eval_results = eval_results_from(results, method=method, static_alpha=static_alpha)
+    base_models = _base_models(config)
+    card_data = ModelCardData(
+        base_model=base_models or None,
+        base_model_relation="merge" if len(base_models) > 1 else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=[*CARD_TAGS, *(tags or [])],
+        metrics=["accuracy", "f1"] if results is not None else None,
+        # ModelCardData writes model_name into the metadata unless it names the model-index entry.
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+    )
+    return _render(
+        DAWIN_CARD_TEMPLATE,
+        card_data,
+        model_name=model_name,
+        repo_id=repo_id or "path/to/model",
+        zero_shot_source=_describe_source(config.zero_shot_name_or_path),
+        fine_tuned_source=_describe_source(config.fine_tuned_name_or_path),
+        zero_shot_head=_head_description(config.head_sources, "zero_shot"),
+        fine_tuned_head=_head_description(config.head_sources, "fine_tuned"),
+        num_classes=config.num_classes,
+        class_list=_class_list(config.class_names),
+        templates_block=_templates_block(config.templates),
+        settings_table=_settings_table(config),
+        mode_description=_mode_description(config),
+        mixture_block=_mixture_block(config),
+        statistics_block=_statistics_block(config),
+        results_section=_results_section(results, method, repo_id),
+        citation=CITATION,
+    )
+
+
+def update_card_results(
+    card: ModelCard,
+    results: Mapping,
+    *,
+    method: str | None = "dawin_sample",
+    static_alpha: float | None = None,
+    model_name: str | None = None,
+) -> ModelCard:
+    """Write an evaluation into an existing card: `model-index` entries and the evaluation section.
+
+    Entries of the card for the same task, dataset and metric are replaced; entries for other datasets stay. The
+    text between the hf-dawin evaluation markers is replaced, or a new "Evaluation" section is appended.
+
+    Args:
+        card (`ModelCard`): The card to update in place.
+        results (`Mapping`): Output of `hf_dawin.evaluation.evaluate_pair`.
+        method (`str`, *optional*, defaults to `"dawin_sample"`): Method reported in `model-index`.
+        static_alpha (`float`, *optional*): WiSE-FT alpha reported when `method` is None.
+        model_name (`str`, *optional*): Name of the `model-index` entry; defaults to the card's name.
+
+    Returns:
+        The updated `card`.
+    """
+    new_results = eval_results_from(results, method=method, static_alpha=static_alpha)
+    replaced = {(result.unique_identifier, result.metric_type) for result in new_results}
+    kept = [
+        result
+        for result in (card.data.eval_results or [])
+        if (result.unique_identifier, result.metric_type) not in replaced
+    ]
+    card.data.eval_results = kept + new_results
+    card.data.model_name = card.data.model_name or model_name or "model"
+    card.data.metrics = sorted(set(card.data.metrics or []) | {"accuracy", "f1"})
+
+    section = _results_section(results, method, None)
+    text = card.text
+    start, end = text.find(RESULTS_START_MARKER), text.find(RESULTS_END_MARKER)
+    if start != -1 and end > start:
+        card.text = text[:start] + section + text[end + len(RESULTS_END_MARKER) :]
+    else:
+        card.text = text.rstrip("\n") + "\n\n## Evaluation\n\n" + section + "\n"
+    return card
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Uploads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
+    return [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def _commit_folder(
+    api: HfApi,
+    repo_id: str,
+    folder: Path,
+    *,
+    commit_message: str,
+    commit_description: str | None,
+    revision: str | None,
+    create_pr: bool,
+):
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = _folder_operations(folder)
+    logger.info("Uploading %d files to %s in one commit.", len(operations), repo_id)
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+def push_dawin_to_hub(
+    model,
+    repo_id: str,
+    *,
+    results: Mapping | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "5GB",
+    tags: Sequence[str] | None = None,
+):
+    """Upload a DaWin model and its model card to the Hub in one commit.
+
+    The commit contains `config.json` (interpolation settings and the fitted mixture included), `model.safetensors`
+    (both endpoints and both heads), the processor files, the modeling code for `trust_remote_code` and a
+    `README.md` rendered by [`build_model_card`]. The repository is created if it does not exist.
+
+    Args:
+        model ([`DaWinCLIPModel`]): The model to upload.
+        repo_id (`str`): Target repository, for example `"my-org/clip-vit-b32-dawin"`.
+        results (`Mapping`, *optional*): Output of `hf_dawin.evaluation.evaluate_pair`, written into the card.
+        commit_message (`str`, *optional*): Commit summary; defaults to `"Upload DaWin model"`.
+        commit_description (`str`, *optional*): Commit description.
+        private (`bool`, *optional*): Visibility of a newly created repository.
+        token (`bool` or `str`, *optional*): Hub token; defaults to the locally saved one.
+        revision (`str`, *optional*): Branch to commit to, created if missing.
+        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): Largest weight file before sharding.
+        tags (`Sequence[str]`, *optional*): Extra card tags.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+
+    Example:
+
+    ```python
+    >>> model.calibrate(calibration_batches)
+    >>> model.config.mode = "mixture"
+    >>> push_dawin_to_hub(model, "my-org/clip-vit-b32-dawin", results=results).commit_url
+    ```
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    card = build_model_card(model, repo_id=repo_id, results=results, tags=tags)
+    with tempfile.TemporaryDirectory(prefix="hf_dawin_push_") as folder:
+        folder = Path(folder)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        card.save(folder / "README.md")
+        return _commit_folder(
+            api,
+            repo_id,
+            folder,
+            commit_message=commit_message or "Upload DaWin model",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def push_results_to_hub(
+    repo_id: str,
+    results: Mapping,
+    *,
+    method: str | None = "dawin_sample",
+    static_alpha: float | None = None,
+    commit_message: str | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Write an evaluation into a Hub repository's model card and upload it in one commit.
+
+    The existing `README.md` is downloaded and updated with [`update_card_results`], and a repository without a
+    card gets a new one. The repository is created if it does not exist.
+
+    Args:
+        repo_id (`str`): Repository whose card receives the results.
+        results (`Mapping`): Output of `hf_dawin.evaluation.evaluate_pair`.
+        method (`str`, *optional*, defaults to `"dawin_sample"`): Method reported in `model-index`.
+        static_alpha (`float`, *optional*): WiSE-FT alpha reported when `method` is None.
+        commit_message (`str`, *optional*): Commit summary.
+        token (`bool` or `str`, *optional*): Hub token; defaults to the locally saved one.
+        revision (`str`, *optional*): Branch to read the card from and commit to.
+        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    model_name = _default_model_name(repo_id, "model")
+    with tempfile.TemporaryDirectory(prefix="hf_dawin_card_") as folder:
+        folder = Path(folder)
+        try:
+            path = api.hf_hub_download(repo_id, "README.md", revision=revision, cache_dir=folder / "cache")
+            card = ModelCard.load(path)
+            logger.info("Updating the existing model card of %s.", repo_id)
+        except EntryNotFoundError:
+            logger.info("%s has no model card yet; writing a new one.", repo_id)
+            card = _render(
+                RESULTS_CARD_TEMPLATE,
+                ModelCardData(library_name="transformers", pipeline_tag="image-classification", tags=list(CARD_TAGS)),
+                model_name=model_name,
+                results_section=_results_section(None, method, repo_id),
+                citation=CITATION,
+            )
+        update_card_results(card, results, method=method, static_alpha=static_alpha, model_name=model_name)
+        upload = folder / "upload"
+        card.save(upload / "README.md")
+        return _commit_folder(
+            api,
+            repo_id,
+            upload,
+            commit_message=commit_message or "Add DaWin evaluation results",
+            commit_description=None,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plain CLIP exports of merged weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_merged_model_card(
+    model, alpha: float, *, repo_id: str | None = None, component: int | None = None
+) -> ModelCard:
+    """Render the card of a plain `CLIPModel` exported with [`save_merged_components`].
+
+    Args:
+        model ([`DaWinCLIPModel`]): The DaWin model the weights come from.
+        alpha (`float`): Weight on the fine-tuned endpoint.
+        repo_id (`str`, *optional*): Repository id used in the title and the usage code.
+        component (`int`, *optional*): Index of the mixture component whose mean `alpha` is.
+
+    Returns:
+        `huggingface_hub.ModelCard` with `pipeline_tag: zero-shot-image-classification`.
+    """
+    config = model.config
+    alpha_text = f"{alpha:.4f}".rstrip("0").rstrip(".") if alpha not in (0.0, 1.0) else f"{alpha:g}"
+    model_name = _default_model_name(repo_id, f"CLIP interpolated at alpha {alpha_text}")
+    if component is not None:
+        origin = (
+            f"α is the mean coefficient of component {component} of the Beta mixture fitted by DaWin, so this "
+            "checkpoint classifies the images that the mixture assigns to that component."
+        )
+    else:
+        origin = "α is a static coefficient, as in WiSE-FT weight-space ensembles."
+    head_block = ""
+    if (config.head_sources or {}).get("fine_tuned") == "linear":
+        head_block = (
+            "The fine-tuned endpoint brought a trained linear head, which a `CLIPModel` cannot hold, so zero-shot "
+            "classification with this checkpoint uses the interpolated text tower instead.\n\n"
+        )
+    base_models = _base_models(config)
+    labels = ", ".join(f'"{name}"' for name in config.class_names[:3])
+    card_data = ModelCardData(
+        base_model=base_models or None,
+        base_model_relation="merge" if len(base_models) > 1 else None,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        tags=list(MERGED_CARD_TAGS),
+        interpolation_alpha=float(alpha),
+    )
+    return _render(
+        MERGED_CARD_TEMPLATE,
+        card_data,
+        model_name=model_name,
+        repo_id=repo_id or "path/to/model",
+        alpha_text=alpha_text,
+        origin_sentence=origin,
+        zero_shot_source=_describe_source(config.zero_shot_name_or_path),
+        fine_tuned_source=_describe_source(config.fine_tuned_name_or_path),
+        head_block=head_block,
+        label_example=labels,
+        citation=CITATION,
+    )
+
+
+def _component_alphas(model, alphas: Sequence[float] | None) -> list[tuple[float, int | None]]:
+    if alphas is not None:
+        alphas = list(alphas)
+        if not alphas:
+            raise ValueError("alphas is empty; pass at least one weight on the fine-tuned endpoint, or None.")
+        return [(check_alpha(alpha), None) for alpha in alphas]
+    mixture = model.stored_mixture()
+    if mixture is None or not mixture.is_fitted:
+        raise ValueError(
+            "The model has no fitted Beta mixture, so there are no component means to export. Call "
+            "model.calibrate(...) or model.fit_mixture(...) first, or pass alphas=[...]."
+        )
+    return [(float(mean), index) for index, mean in enumerate(mixture.component_means)]
+
+
+def _save_merged(model, alpha: float, folder: Path, *, repo_id: str | None, component: int | None) -> None:
+    merged = model.merge(alpha)
+    merged.save_pretrained(folder)
+    processor = model.processor
+    if processor is not None:
+        processor.save_pretrained(folder)
+    if processor is None or getattr(processor, "tokenizer", None) is None:
+        logger.warning(
+            "The DaWin model has no CLIP tokenizer attached, so %s contains no tokenizer files. Attach a "
+            "CLIPProcessor with model.attach_processor(...) before exporting for zero-shot pipelines.",
+            folder,
+        )
+    if model.image_processor is not None and model.image_processor is not processor:
+        model.image_processor.save_pretrained(folder)
+    build_merged_model_card(model, alpha, repo_id=repo_id, component=component).save(folder / "README.md")
+
+
+def save_merged_components(
+    model, output_dir: str | Path, *, alphas: Sequence[float] | None = None
+) -> list[Path]:
+    """Save plain `CLIPModel` repositories with interpolated weights, one per mixture component or alpha.
+
+    Each folder contains the merged weights (text tower included), the `CLIPProcessor` files and a model card, and
+    loads with `CLIPModel.from_pretrained` or `pipeline("zero-shot-image-classification")` without hf_dawin.
+
+    Args:
+        model ([`DaWinCLIPModel`]): The DaWin model.
+        output_dir (`str` or `Path`): Parent folder; each export goes to `alpha_<value>` inside it.
+        alphas (`Sequence[float]`, *optional*): Static weights on the fine-tuned endpoint. Defaults to the
+            component means of the model's fitted Beta mixture.
+
+    Returns:
+        `list[Path]`: The written folders, in the order of `alphas` or of the mixture components.
+
+    Raises:
+        ValueError: If `alphas` is None and no mixture is fitted, or an alpha lies outside [0, 1].
+
+    Example:
+
+    ```python
+    >>> model.calibrate(calibration_batches)
+    >>> save_merged_components(model, "exports")
+    [PosixPath('exports/alpha_0.1532'), PosixPath('exports/alpha_0.5120'), PosixPath('exports/alpha_0.8817')]
+    ```
+    """
+    output_dir = Path(output_dir)
+    folders = []
+    for alpha, component in _component_alphas(model, alphas):
+        folder = output_dir / f"alpha_{alpha:.4f}"
+        _save_merged(model, alpha, folder, repo_id=None, component=component)
+        logger.info("Saved the CLIP model merged at alpha %.4f to %s.", alpha, folder)
+        folders.append(folder)
+    return folders
+
+
+def push_merged_component(
+    model,
+    repo_id: str,
+    alpha: float,
+    *,
+    component: int | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload a plain `CLIPModel` merged at `alpha`, with its processor and card, in one commit.
+
+    Args:
+        model ([`DaWinCLIPModel`]): The DaWin model.
+        repo_id (`str`): Target repository, created if it does not exist.
+        alpha (`float`): Weight on the fine-tuned endpoint, for example a mixture component mean from
+            `model.stored_mixture().component_means`.
+        component (`int`, *optional*): Mixture component that `alpha` belongs to, stated in the card.
+        commit_message (`str`, *optional*): Commit summary.
+        private (`bool`, *optional*): Visibility of a newly created repository.
+        token (`bool` or `str`, *optional*): Hub token; defaults to the locally saved one.
+        revision (`str`, *optional*): Branch to commit to, created if missing.
+        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+    """
+    alpha = check_alpha(alpha)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory(prefix="hf_dawin_merged_") as folder:
+        folder = Path(folder)
+        _save_merged(model, alpha, folder, repo_id=repo_id, component=component)
+        return _commit_folder(
+            api,
+            repo_id,
+            folder,
+            commit_message=commit_message or f"Upload CLIP merged at alpha {alpha:g}",
+            commit_description=None,
+            revision=revision,
+            create_pr=create_pr,
+        )
