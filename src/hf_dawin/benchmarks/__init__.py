@@ -1,0 +1,1 @@
+"""The embedded real benchmark: MNIST-family data, distribution shifts, the CLIP tokenizer and a reference pair."""
