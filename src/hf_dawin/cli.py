@@ -8,6 +8,7 @@ trained by this project (not OpenAI CLIP weights).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,13 +17,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
+from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
-from .label_spaces import projection_from_class_names
+from .suites import (
+    SUITES,
+    ImageNetSuiteSources,
+    are_wordnet_ids,
+    build_evaluation_set,
+    in_distribution_projection,
+    load_imagenet_suite,
+    model_wordnet_ids,
+    projection_for_dataset,
+    read_wordnet_ids,
+    split_source,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -53,11 +68,28 @@ class EvaluateArguments:
     cache_dir: str | None = None
     seed: int = 0
     progress: bool = True
+    suite: str | None = None
+    imagenet: str | None = None
+    imagenet_v2: str | None = None
+    imagenet_r: str | None = None
+    imagenet_a: str | None = None
+    imagenet_sketch: str | None = None
+    objectnet: str | None = None
+    objectnet_mappings: str | None = None
+    wordnet_ids: str | None = None
+    plots: bool = True
+    push_results: str | None = None
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dawin", description="DaWin: dynamic weight interpolation of CLIP pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # Parsed by evaluation_multitask.main_multitask; listed here so that `hf-dawin --help` shows it.
+    commands.add_parser(
+        "evaluate-multitask",
+        help="Score DaWin against model merging baselines on several tasks (see evaluate-multitask --help).",
+        add_help=False,
+    )
     evaluate = commands.add_parser(
         "evaluate",
         help="Score DaWin and its baselines on an in-distribution set and shifted sets.",
@@ -103,7 +135,150 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", help="Cache for data wheels and the embedded pair (default: ~/.cache/hf_dawin).")
     evaluate.add_argument("--seed", type=int, default=0, help="Seed of the embedded pair and shifts (default: 0).")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+
+    # Outputs beyond the results files.
+    evaluate.add_argument(
+        "--no-plots", dest="plots", action="store_false", help="Do not write id_vs_ood.png and coefficients.png."
+    )
+    evaluate.add_argument(
+        "--push-results",
+        metavar="REPO",
+        help="After the run, write the results into the model card of this Hub repository (one commit).",
+    )
+    _add_suite_arguments(evaluate)
     return parser
+
+
+def _add_suite_arguments(evaluate: argparse.ArgumentParser) -> None:
+    suite = evaluate.add_argument_group(
+        "standard suites",
+        "--suite imagenet evaluates ImageNet as the in-distribution set and the given shifts, each scored in its "
+        "own label space. Each source is a Hub id or a local folder, optionally SOURCE:SPLIT.",
+    )
+    suite.add_argument("--suite", choices=SUITES, help="Evaluate a standard distribution-shift suite.")
+    suite.add_argument("--imagenet", help="ImageNet validation set (in-distribution).")
+    suite.add_argument("--imagenet-v2", help="ImageNet-V2 (folders named by class index, or a Hub dataset).")
+    suite.add_argument("--imagenet-r", help="ImageNet-R (200 classes, folders named by WordNet id).")
+    suite.add_argument("--imagenet-a", help="ImageNet-A (200 classes, folders named by WordNet id).")
+    suite.add_argument("--imagenet-sketch", help="ImageNet-Sketch.")
+    suite.add_argument("--objectnet", help="ObjectNet images folder, or the download folder with images/ and mappings/.")
+    suite.add_argument("--objectnet-mappings", help="ObjectNet mappings/ folder (default: beside the images).")
+    suite.add_argument(
+        "--wordnet-ids",
+        help="File with one WordNet id per model class, needed when neither the class names nor the ImageNet "
+        "folder names are WordNet ids.",
+    )
+
+
+_SUITE_SOURCES = (
+    "imagenet", "imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet", "objectnet_mappings",
+)
+
+
+def _check_suite_arguments(arguments: EvaluateArguments, pair_given: bool) -> None:
+    given = [name for name in _SUITE_SOURCES if getattr(arguments, name) is not None]
+    if arguments.suite is None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise SystemExit(f"error: {flags} need --suite imagenet.")
+        return
+    if not (pair_given or arguments.model):
+        raise SystemExit("error: --suite needs a model: --model or --zero-shot with --fine-tuned.")
+    if arguments.id_dataset is not None:
+        raise SystemExit("error: --suite imagenet uses --imagenet as the in-distribution set; drop --id-dataset.")
+    if arguments.imagenet is None:
+        raise SystemExit("error: --suite imagenet needs --imagenet (a Hub id or a local ImageNet validation folder).")
+    if arguments.objectnet_mappings is not None and arguments.objectnet is None:
+        raise SystemExit("error: --objectnet-mappings needs --objectnet.")
+
+
+def _suite_benchmark(arguments: EvaluateArguments):
+    from .modeling_dawin import DaWinCLIPModel
+
+    wordnet_ids = read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None
+    if arguments.model:
+        model = DaWinCLIPModel.from_pretrained(arguments.model)
+    else:
+        if arguments.class_names:
+            class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
+        else:
+            source, split = split_source(arguments.imagenet)
+            imagenet = load_evaluation_dataset(
+                source, split=split or arguments.split, image_column=arguments.image_column,
+                label_column=arguments.label_column, max_examples=1,
+            )
+            class_names = label_names(imagenet, arguments.label_column)
+            if are_wordnet_ids(class_names):
+                raise SystemExit(
+                    "error: the ImageNet label names are WordNet ids, which make poor prompts. Pass --class-names "
+                    "FILE with one readable class name per line, in the order of the ImageNet labels."
+                )
+        model = DaWinCLIPModel.from_pretrained_pair(
+            arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
+            progress=arguments.progress,
+        )
+    if model.image_processor is None:
+        raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
+    sources = ImageNetSuiteSources(**{name: getattr(arguments, name) for name in _SUITE_SOURCES})
+    sets = load_imagenet_suite(
+        sources,
+        model_class_names=list(model.config.class_names),
+        image_processor=model.image_processor,
+        batch_size=arguments.batch_size,
+        split=arguments.split,
+        image_column=arguments.image_column,
+        label_column=arguments.label_column,
+        max_examples=arguments.max_examples,
+        seed=arguments.seed,
+        wordnet_ids=wordnet_ids,
+        cache_dir=arguments.cache_dir,
+    )
+    return model, sets
+
+
+def _dataset_sources(arguments: EvaluateArguments, sets) -> dict[str, str]:
+    """Return where each evaluated set came from, for the model card's `model-index`."""
+    if arguments.suite:
+        return {s.name: split_source(getattr(arguments, s.name))[0] for s in sets if getattr(arguments, s.name, None)}
+    if arguments.id_dataset is None:
+        return {}
+    sources = {sets[0].name: arguments.id_dataset}
+    sources.update(entry.split("=", 1) for entry in arguments.shift_datasets)
+    return sources
+
+
+def _write_plots(results: dict, coefficients: dict, output_dir: Path) -> dict[str, Path]:
+    from .plots import plot_coefficient_histograms, plot_id_ood
+
+    paths = {}
+    if results.get("out_of_distribution"):
+        paths["id_vs_ood"] = plot_id_ood(results, output_dir / "id_vs_ood.png")
+    else:
+        logger.info("No shifted set was evaluated, so id_vs_ood.png is not written.")
+    if coefficients:
+        paths["coefficient_histograms"] = plot_coefficient_histograms(results, coefficients, output_dir / "coefficients.png")
+    return paths
+
+
+def _report_skipped(results: dict) -> None:
+    for name, entry in results["sets"].items():
+        skipped = entry.get("num_skipped", 0)
+        if skipped:
+            total = entry["num_examples"] + skipped
+            print(f"{name}: {skipped} of {total} images could not be read and were skipped (num_skipped in results.json).")
+
+
+def _push_results(arguments: EvaluateArguments, model, results: dict) -> None:
+    from .hub import method_for_mode, push_results_to_hub
+
+    method = method_for_mode(model.config)
+    commit = push_results_to_hub(
+        arguments.push_results,
+        {key: value for key, value in results.items() if key != "coefficients"},
+        method=method,
+        static_alpha=model.config.alpha if method is None else None,
+    )
+    print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
 
 
 def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
@@ -120,8 +295,13 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
         raise SystemExit("error: --zero-shot and --fine-tuned must be given together.")
     if pair_given and arguments.model is not None:
         raise SystemExit("error: give either --model or --zero-shot/--fine-tuned, not both.")
-    if (pair_given or arguments.model) and arguments.id_dataset is None:
-        raise SystemExit("error: a custom model needs --id-dataset (and usually --shift-dataset NAME=SOURCE).")
+    _check_suite_arguments(arguments, pair_given)
+    if (pair_given or arguments.model) and arguments.id_dataset is None and arguments.suite is None:
+        raise SystemExit(
+            "error: a custom model needs --id-dataset (and usually --shift-dataset NAME=SOURCE) or --suite imagenet."
+        )
+    if arguments.push_results is not None and is_offline_mode():
+        raise SystemExit("error: --push-results needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1).")
     if arguments.id_dataset is not None and not (pair_given or arguments.model):
         raise SystemExit("error: --id-dataset needs a model: --model or --zero-shot with --fine-tuned.")
     if arguments.batch_size < 1:
@@ -141,9 +321,26 @@ def _dataset_set(name, dataset, image_processor, arguments, *, in_distribution, 
             label_column=arguments.label_column,
         )
 
-    return EvaluationSet(
+    evaluation_set = EvaluationSet(
         name=name, batches=batches, num_examples=len(dataset), in_distribution=in_distribution, projection=projection
     )
+    return _with_shards(evaluation_set, dataset, image_processor, arguments)
+
+
+def _with_shards(evaluation_set: EvaluationSet, dataset, image_processor, arguments) -> EvaluationSet:
+    """Let each rank of a multi-process run read only its block of the dataset's batches."""
+
+    def make_batches(subset):
+        return iter_image_batches(
+            subset,
+            image_processor,
+            batch_size=arguments.batch_size,
+            image_column=arguments.image_column,
+            label_column=arguments.label_column,
+        )
+
+    evaluation_set.shard_batches = dataset_shard_batches(make_batches, dataset, arguments.batch_size)
+    return evaluation_set
 
 
 def _embedded_benchmark(arguments: EvaluateArguments):
@@ -188,20 +385,56 @@ def _custom_benchmark(arguments: EvaluateArguments):
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
 
-    sets = [_dataset_set("id", id_dataset, model.image_processor, arguments, in_distribution=True)]
-    sets[0].name = Path(arguments.id_dataset).name or "id"
+    # Each set's labels are matched to the model's classes by name, class index or WordNet id. The shifted sets
+    # are also matched against the ID dataset's own label names.
+    id_names = label_names(id_dataset, arguments.label_column) if _has_class_names(id_dataset, arguments) else None
+    wordnet_ids = model_wordnet_ids(
+        class_names,
+        reference_label_names=id_names,
+        wordnet_ids=read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None,
+    )
+    id_projection = None
+    if id_names is not None:
+        id_projection = in_distribution_projection(class_names, id_names, model_wordnet_ids=wordnet_ids)
+    set_options = dict(
+        num_model_classes=len(class_names), batch_size=arguments.batch_size, image_column=arguments.image_column,
+        label_column=arguments.label_column,
+    )
+    id_name = Path(arguments.id_dataset).name or "id"
+    sets = [
+        _with_shards(
+            build_evaluation_set(
+                id_name, id_dataset, model.image_processor, in_distribution=True, projection=id_projection,
+                **set_options,
+            ),
+            id_dataset, model.image_processor, arguments,
+        )
+    ]
     for entry in arguments.shift_datasets:
         name, source = entry.split("=", 1)
         dataset = load_evaluation_dataset(
             source, split=arguments.split, image_column=arguments.image_column,
             label_column=arguments.label_column, max_examples=arguments.max_examples,
         )
-        shift_names = label_names(dataset, arguments.label_column)
-        projection = None
-        if shift_names != class_names:
-            projection = projection_from_class_names(class_names, shift_names)
-        sets.append(_dataset_set(name, dataset, model.image_processor, arguments, in_distribution=False, projection=projection))
+        projection = projection_for_dataset(
+            class_names,
+            label_names(dataset, arguments.label_column),
+            reference_label_names=id_names,
+            model_wordnet_ids=wordnet_ids,
+        )
+        sets.append(
+            _with_shards(
+                build_evaluation_set(
+                    name, dataset, model.image_processor, in_distribution=False, projection=projection, **set_options
+                ),
+                dataset, model.image_processor, arguments,
+            )
+        )
     return model, sets
+
+
+def _has_class_names(dataset, arguments: EvaluateArguments) -> bool:
+    return isinstance(dataset.features.get(arguments.label_column), datasets.ClassLabel)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -212,8 +445,11 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_results(results: dict, output_dir: Path) -> dict[str, Path]:
-    """Write results.json, results.md and coefficients.npz into `output_dir`, each atomically."""
+def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write results.json, results.md and coefficients.npz into `output_dir`, each atomically.
+
+    With `plots`, also write id_vs_ood.png (when there are shifted sets) and coefficients.png.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     coefficients = results.pop("coefficients", {})
     paths = {
@@ -227,6 +463,8 @@ def write_results(results: dict, output_dir: Path) -> dict[str, Path]:
         np.savez(handle, **{name: np.asarray(values, dtype=np.float32) for name, values in coefficients.items()})
         temporary = Path(handle.name)
     os.replace(temporary, paths["coefficients"])
+    if plots:
+        paths.update(_write_plots(results, coefficients, output_dir))
     results["coefficients"] = coefficients
     return paths
 
@@ -236,23 +474,47 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
     _check_arguments(arguments)
     torch.manual_seed(arguments.seed)
     started = time.perf_counter()
-    if arguments.zero_shot or arguments.model:
-        model, sets = _custom_benchmark(arguments)
+    # Under `accelerate launch` or `torchrun`: one rank each, the main process logs, prints and writes files.
+    state = get_distributed_state()
+    if not state.is_main_process:
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        arguments = dataclasses.replace(arguments, progress=False)
+    if arguments.suite:
+        build = _suite_benchmark
+    elif arguments.zero_shot or arguments.model:
+        build = _custom_benchmark
     else:
-        model, sets = _embedded_benchmark(arguments)
+        build = _embedded_benchmark
+    # The main process loads first, so downloads and the embedded pair's training fill the cache once.
+    model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
+    if state.device.type != "cpu" and getattr(model, "hf_device_map", None) is None:
+        model.to(state.device)
     settings = EvaluationSettings(
         alphas=arguments.alphas,
         offset_adjustment=arguments.offset_adjustment,
         n_components=arguments.n_components,
         progress=arguments.progress,
     )
-    results = evaluate_pair(model, sets, settings)
+    results = evaluate_pair(model, sets, settings, state=state)
+    if not state.is_main_process:
+        return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_results(results, Path(arguments.output_dir))
+    results["dataset_sources"] = _dataset_sources(arguments, sets)
+    paths = write_results(results, Path(arguments.output_dir), plots=arguments.plots)
+
     print()
     print("Accuracy (%) per set; OOD avg is the mean over the shifted sets.")
     print(summarize(results))
+    _report_skipped(results)
     print(f"\nResults written to {paths['json']} and {paths['markdown']} ({results['runtime_seconds']} s).")
+    figures = [str(paths[key]) for key in ("id_vs_ood", "coefficient_histograms") if key in paths]
+    if figures:
+        print(f"Figures written to {' and '.join(figures)}.")
+
+    if arguments.push_results:
+        _push_results(arguments, model, results)
     return results
 
 
@@ -261,10 +523,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["evaluate"]
+    if argv[0] == "evaluate-multitask":
+        from .evaluation_multitask import main_multitask
+
+        return main_multitask(argv[1:])
     parser = _build_parser()
     namespace = parser.parse_args(argv)
     if namespace.command == "evaluate":
-        run_evaluate(parse_evaluate_arguments(argv[1:]))
+        try:
+            run_evaluate(parse_evaluate_arguments(argv[1:]))
+        except (OSError, ValueError) as error:
+            # Invalid input (an unknown repository, a missing column, unmatched labels) ends the run with its
+            # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
+            logger.debug("hf-dawin evaluate failed.", exc_info=True)
+            print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+            return 1
+        except RankFailedError as error:
+            # Every rank of a multi-process run ends here when one rank failed; nothing was written.
+            print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

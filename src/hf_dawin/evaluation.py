@@ -5,6 +5,10 @@ space, feed every method that needs them (zero-shot, fine-tuned, output ensemble
 oracle and DaWin's coefficients). Methods with their own weights (DaWin `sample` and `mixture`, the WiSE-FT
 sweep) then run one more pass each. Only per-sample logits, labels and coefficients are kept between passes,
 never images.
+
+Under `accelerate launch` or `torchrun` every pass is sharded across the processes by batch and the
+per-sample results are gathered back in example order (see `hf_dawin.distributed`), so a multi-process run
+scores the same arrays as a single-process one.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .coefficients import (
+    EntropyStatistics,
     coefficients_from_entropies,
     entropy,
     entropy_statistics,
     oracle_coefficients,
     output_ensemble_probabilities,
 )
+from .distributed import DistributedState, get_distributed_state
 from .label_spaces import LabelSpaceProjection
 from .mixture import BetaMixture
 from .modeling_dawin import DaWinCLIPModel
@@ -73,6 +79,9 @@ class EvaluationSet:
         num_examples (`int`): Number of examples in the set.
         in_distribution (`bool`): Whether this is the in-distribution (ID) set; others count as OOD.
         projection ([`LabelSpaceProjection`], *optional*): Maps model logits to the set's label space.
+        shard_batches (`Callable[[int, int], Iterable[Batch]]`, *optional*): Called as `shard_batches(rank,
+            world_size)` in multi-process runs; yields only that rank's batches, with indices into the whole
+            set. Without it every rank reads all batches and keeps every `world_size`-th one.
     """
 
     name: str
@@ -80,6 +89,7 @@ class EvaluationSet:
     num_examples: int
     in_distribution: bool = False
     projection: LabelSpaceProjection | None = None
+    shard_batches: Callable[[int, int], Iterable[Batch]] | None = None
 
 
 @dataclass
@@ -122,6 +132,36 @@ def _project(projection: LabelSpaceProjection | None, logits: torch.Tensor) -> t
     return logits if projection is None else projection.project(logits)
 
 
+def _local_batches(evaluation_set: EvaluationSet, state: DistributedState) -> Iterable[Batch]:
+    """Return the batches of `evaluation_set` that this process runs."""
+    if not state.is_distributed:
+        return evaluation_set.batches()
+    if evaluation_set.shard_batches is not None:
+        return evaluation_set.shard_batches(state.rank, state.world_size)
+    return state.local_batches(evaluation_set.batches())
+
+
+def _progress_bar(evaluation_set: EvaluationSet, description: str, progress: bool, state: DistributedState) -> tqdm:
+    """A progress bar on the main process only; in multi-process runs it counts the main process's share."""
+    total = math.ceil(evaluation_set.num_examples / state.world_size)
+    suffix = f" (rank 0 of {state.world_size})" if state.is_distributed else ""
+    return tqdm(
+        total=total,
+        desc=f"{evaluation_set.name}: {description}{suffix}",
+        unit="img",
+        disable=not (progress and state.is_main_process),
+    )
+
+
+def _empty_logits(model: DaWinCLIPModel, projection: LabelSpaceProjection | None) -> torch.Tensor:
+    """Projected logits of no examples, `(0, num_classes)`: what a rank without batches contributes."""
+    return _project(projection, torch.zeros(0, model.config.num_classes))
+
+
+def _default_state(state: DistributedState | None) -> DistributedState:
+    return state if state is not None else get_distributed_state()
+
+
 def _ordered(
     chunks: list[torch.Tensor], indices: list[torch.Tensor], expected: torch.Tensor | None, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,27 +186,51 @@ def _ordered(
 
 @torch.inference_mode()
 def collect_endpoint_predictions(
-    model: DaWinCLIPModel, evaluation_set: EvaluationSet, *, progress: bool = True
+    model: DaWinCLIPModel,
+    evaluation_set: EvaluationSet,
+    *,
+    progress: bool = True,
+    state: DistributedState | None = None,
 ) -> SetPredictions:
     """Run both endpoints once over a set and keep their projected logits and the labels.
 
+    In a multi-process run each rank runs its share of the batches and every rank returns the gathered
+    predictions of the whole set.
+
     Raises:
         ValueError: If the set is empty or a label is outside the set's label space.
+        RankFailedError: If a rank of a multi-process run failed (the message names it).
     """
+    state = _default_state(state)
     if evaluation_set.num_examples == 0:
         raise ValueError(f"Evaluation set '{evaluation_set.name}' is empty; it needs at least one example.")
-    zero_shot_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
-    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: endpoints", unit="img", disable=not progress)
-    for pixel_values, labels, indices in evaluation_set.batches():
-        zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
-        zero_shot_chunks.append(_project(evaluation_set.projection, zero_shot_logits).cpu())
-        fine_tuned_chunks.append(_project(evaluation_set.projection, fine_tuned_logits).cpu())
-        label_chunks.append(labels.cpu().long())
-        index_chunks.append(indices.cpu().long())
-        bar.update(len(indices))
-    bar.close()
-    if not index_chunks:
+
+    def run_local_batches() -> dict[str, torch.Tensor]:
+        zero_shot_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
+        bar = _progress_bar(evaluation_set, "endpoints", progress, state)
+        for pixel_values, labels, indices in _local_batches(evaluation_set, state):
+            zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
+            zero_shot_chunks.append(_project(evaluation_set.projection, zero_shot_logits).cpu())
+            fine_tuned_chunks.append(_project(evaluation_set.projection, fine_tuned_logits).cpu())
+            label_chunks.append(labels.cpu().long())
+            index_chunks.append(indices.cpu().long())
+            bar.update(len(indices))
+        bar.close()
+        empty = _empty_logits(model, evaluation_set.projection)
+        return {
+            "zero_shot": torch.cat([empty, *zero_shot_chunks]),
+            "fine_tuned": torch.cat([empty, *fine_tuned_chunks]),
+            "labels": torch.cat([torch.zeros(0, dtype=torch.long), *label_chunks]),
+            "indices": torch.cat([torch.zeros(0, dtype=torch.long), *index_chunks]),
+        }
+
+    step = f"the endpoint pass over set '{evaluation_set.name}'"
+    local = state.run(step, run_local_batches)
+    gathered = state.gather_rows(local, step)
+    if gathered["indices"].numel() == 0:
         raise ValueError(f"Evaluation set '{evaluation_set.name}' yielded no readable images.")
+    zero_shot_chunks, fine_tuned_chunks = [gathered["zero_shot"]], [gathered["fine_tuned"]]
+    label_chunks, index_chunks = [gathered["labels"]], [gathered["indices"]]
 
     zero_shot_logits, kept = _ordered(zero_shot_chunks, index_chunks, None, evaluation_set.name)
     predictions = SetPredictions(
@@ -193,21 +257,47 @@ def _run_weighted_pass(
     description: str,
     classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     progress: bool,
+    *,
+    model: DaWinCLIPModel,
+    state: DistributedState | None = None,
 ) -> torch.Tensor:
     """Run `classify(pixel_values, rows)` over a set and return projected logits in example order.
 
-    `rows` are the batch's positions among `expected`, the examples of the endpoint pass.
+    `rows` are the batch's positions among `expected`, the examples of the endpoint pass. In a multi-process
+    run each rank classifies its share and every rank returns the gathered logits of the whole set.
     """
-    chunks, index_chunks = [], []
-    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: {description}", unit="img", disable=not progress)
-    for pixel_values, _, indices in evaluation_set.batches():
-        rows = torch.searchsorted(expected, indices.cpu().long())
-        logits = classify(pixel_values, rows.clamp_max(expected.numel() - 1))
-        chunks.append(_project(evaluation_set.projection, logits).cpu())
-        index_chunks.append(indices.cpu().long())
-        bar.update(len(indices))
-    bar.close()
-    return _ordered(chunks, index_chunks, expected, evaluation_set.name)[0]
+    state = _default_state(state)
+
+    def run_local_batches() -> dict[str, torch.Tensor]:
+        chunks, index_chunks = [], []
+        bar = _progress_bar(evaluation_set, description, progress, state)
+        for pixel_values, _, indices in _local_batches(evaluation_set, state):
+            rows = torch.searchsorted(expected, indices.cpu().long())
+            logits = classify(pixel_values, rows.clamp_max(expected.numel() - 1))
+            chunks.append(_project(evaluation_set.projection, logits).cpu())
+            index_chunks.append(indices.cpu().long())
+            bar.update(len(indices))
+        bar.close()
+        return {
+            "logits": torch.cat([_empty_logits(model, evaluation_set.projection), *chunks]),
+            "indices": torch.cat([torch.zeros(0, dtype=torch.long), *index_chunks]),
+        }
+
+    step = f"the {description} pass over set '{evaluation_set.name}'"
+    gathered = state.gather_rows(state.run(step, run_local_batches), step)
+    return _ordered([gathered["logits"]], [gathered["indices"]], expected, evaluation_set.name)[0]
+
+
+def _fit_on_main(state: DistributedState, step: str, fit: Callable[[], dict], load: Callable[[dict], object]):
+    """Run a set-level fit on the main process only and load its JSON form on every rank.
+
+    With one process the fitted object still goes through its dictionary form, so single- and multi-process
+    runs use identical values.
+    """
+    fitted = state.run(step, fit) if state.is_main_process else None
+    if not state.is_main_process:
+        state.check_all_ranks(None, step)
+    return load(state.broadcast_json(fitted, step))
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -218,6 +308,8 @@ def evaluate_pair(
     model: DaWinCLIPModel,
     sets: Sequence[EvaluationSet],
     settings: EvaluationSettings | None = None,
+    *,
+    state: DistributedState | None = None,
 ) -> dict:
     """Evaluate DaWin and its baselines on an in-distribution set and shifted sets.
 
@@ -225,6 +317,8 @@ def evaluate_pair(
         model ([`DaWinCLIPModel`]): The pair to evaluate.
         sets (`Sequence[EvaluationSet]`): Exactly one set with `in_distribution=True`, and any shifted sets.
         settings ([`EvaluationSettings`], *optional*): Sweep, offset adjustment, mixture size and progress bars.
+        state ([`DistributedState`], *optional*): Rank and world size of a multi-process run; defaults to the
+            initialised process group, if any, else a single process. Every rank returns the same results.
 
     Returns:
         `dict` (JSON-serialisable) with per-set scores of every method, the WiSE-FT sweep, per-set coefficient
@@ -232,8 +326,10 @@ def evaluate_pair(
 
     Raises:
         ValueError: If no set or more than one set is in-distribution, or a set is empty.
+        RankFailedError: If a rank of a multi-process run failed; every rank raises it.
     """
     settings = settings or EvaluationSettings()
+    state = _default_state(state)
     in_distribution = [s.name for s in sets if s.in_distribution]
     if len(in_distribution) != 1:
         raise ValueError(
@@ -251,7 +347,9 @@ def evaluate_pair(
     temperatures = (zero_shot_temperature, fine_tuned_temperature)
 
     # Endpoint passes: once per set, reused by every method below.
-    predictions = {s.name: collect_endpoint_predictions(model, s, progress=settings.progress) for s in sets}
+    predictions = {
+        s.name: collect_endpoint_predictions(model, s, progress=settings.progress, state=state) for s in sets
+    }
 
     # Coefficients and the mixture of each set, from the endpoint logits alone.
     per_set = {}
@@ -261,9 +359,19 @@ def evaluate_pair(
         fine_tuned_entropy = entropy(p.fine_tuned_logits, fine_tuned_temperature)
         statistics = None
         if settings.offset_adjustment:
-            statistics = entropy_statistics(zero_shot_entropy, fine_tuned_entropy)
+            statistics = _fit_on_main(
+                state,
+                f"the entropy statistics of set '{evaluation_set.name}'",
+                lambda: entropy_statistics(zero_shot_entropy, fine_tuned_entropy).to_dict(),
+                EntropyStatistics.from_dict,
+            )
         coefficients = coefficients_from_entropies(zero_shot_entropy, fine_tuned_entropy, statistics)
-        mixture = BetaMixture(n_components=settings.n_components).fit(coefficients.numpy())
+        mixture = _fit_on_main(
+            state,
+            f"the Beta mixture of set '{evaluation_set.name}'",
+            lambda: BetaMixture(n_components=settings.n_components).fit(coefficients.numpy()).to_dict(),
+            BetaMixture.from_dict,
+        )
         per_set[evaluation_set.name] = {
             "coefficients": coefficients,
             "statistics": statistics,
@@ -294,6 +402,8 @@ def evaluate_pair(
             "DaWin sample",
             lambda pixel_values, indices, c=coefficients: model.interpolated_logits(pixel_values, c[indices]),
             settings.progress,
+            model=model,
+            state=state,
         )
         mixture = info["mixture"]
         predictions[evaluation_set.name].method_logits["dawin_mixture"] = _run_weighted_pass(
@@ -302,6 +412,8 @@ def evaluate_pair(
             "DaWin mixture",
             lambda pixel_values, indices, c=coefficients, m=mixture: model.mixture_logits(pixel_values, c[indices], m)[0],
             settings.progress,
+            model=model,
+            state=state,
         )
         model.clear_merged_cache()
 
@@ -320,6 +432,8 @@ def evaluate_pair(
                     f"WiSE-FT alpha={alpha:g}",
                     lambda pixel_values, indices, a=alpha: model.static_logits(pixel_values, a),
                     settings.progress,
+                    model=model,
+                    state=state,
                 )
             sweep_logits[(evaluation_set.name, alpha)] = logits
             sweep[evaluation_set.name].append(_accuracy(logits, p.labels))

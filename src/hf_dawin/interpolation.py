@@ -34,6 +34,7 @@ __all__ = [
     "MixedLinear",
     "MixedVisionEmbeddings",
     "MixingState",
+    "build_merged_module",
     "build_mixed_module",
     "check_compatible_state_dicts",
     "interpolate_state_dicts",
@@ -173,6 +174,76 @@ def interpolate_state_dicts(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Static merges of modules
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def build_merged_module(base: nn.Module, endpoints: Sequence[nn.Module], coefficients: Sequence[float]) -> nn.Module:
+    """Build a copy of `base` with weights theta_0 + sum_t c_t (theta_t - theta_0), computed in float32.
+
+    The result equals loading `merge_task_vectors(base.state_dict(), ...)` into a deep copy of `base`, bit for
+    bit, but writes each merged tensor once into fresh storage instead of copying the weights three times.
+    Parameters of `endpoints` are read on their own devices and merged on the device of `base`.
+
+    Args:
+        base (`nn.Module`): The zero-shot (pre-trained) module, theta_0.
+        endpoints (`Sequence[nn.Module]`): Modules of the same architecture, theta_1 ... theta_T.
+        coefficients (`Sequence[float]`): One coefficient c_t per endpoint.
+
+    Returns:
+        `nn.Module`: A new module in eval mode that shares no parameter with `base` or `endpoints`.
+
+    Raises:
+        ValueError: If the counts differ, the endpoints do not match `base`, or a merged parameter is not
+            finite (the message names it).
+    """
+    if len(endpoints) != len(coefficients):
+        raise ValueError(
+            f"Expected one coefficient per fine-tuned endpoint: received {len(endpoints)} endpoints and "
+            f"{len(coefficients)} coefficients."
+        )
+    base_state = base.state_dict()
+    endpoint_states = [endpoint.state_dict() for endpoint in endpoints]
+    for index, endpoint_state in enumerate(endpoint_states):
+        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index}"
+        check_compatible_state_dicts(base_state, endpoint_state, other_name=name)
+
+    # Deep-copy the structure only: every floating-point parameter is replaced by uninitialised storage
+    # through the memo, so no weight is copied before it is merged.
+    parameters = dict(base.named_parameters())
+    memo = {
+        id(parameter): nn.Parameter(torch.empty_like(parameter), requires_grad=parameter.requires_grad)
+        for parameter in parameters.values()
+        if parameter.is_floating_point()
+    }
+    merged = copy.deepcopy(base, memo)
+
+    merged_parameters = dict(merged.named_parameters())
+    for key, base_parameter in parameters.items():
+        if not base_parameter.is_floating_point():
+            continue
+        target = merged_parameters[key].data
+        sources = [state[key].to(target.device) for state in endpoint_states]
+        if target.dtype == torch.float32:
+            # Same arithmetic as merge_task_vectors, without the intermediate copies.
+            target.copy_(base_parameter)
+            for source, coefficient in zip(sources, coefficients):
+                target.add_(source - base_parameter, alpha=float(coefficient))
+        else:
+            accumulator = base_parameter.float().clone()
+            for source, coefficient in zip(sources, coefficients):
+                accumulator.add_(source.float() - base_parameter.float(), alpha=float(coefficient))
+            target.copy_(accumulator)
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(
+                f"Interpolating parameter '{key}' produced NaN or infinite values. Check that both endpoints "
+                "hold finite weights for it."
+            )
+    return merged.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Per-sample mixing layers
 # ----------------------------------------------------------------------------------------------------------
 
@@ -180,13 +251,32 @@ def interpolate_state_dicts(
 class MixingState:
     """Per-sample coefficients shared by every mixing layer of one interpolated network.
 
+    `coefficients` has shape `(batch_size, num_task_vectors)` and stays float32 whatever the model's dtype;
     `weights` has shape `(batch_size, 1 + num_task_vectors)`: a leading 1 for the base output followed by the
-    coefficient of each task vector.
+    coefficient of each task vector. Setting `weights = None` clears both.
     """
 
     def __init__(self, num_task_vectors: int):
         self.num_task_vectors = num_task_vectors
-        self.weights: torch.Tensor | None = None
+        self._coefficients: torch.Tensor | None = None
+
+    @property
+    def coefficients(self) -> torch.Tensor | None:
+        return self._coefficients
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        if self._coefficients is None:
+            return None
+        ones = torch.ones_like(self._coefficients[:, :1])
+        return torch.cat([ones, self._coefficients], dim=1)
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self._coefficients = None
+        else:
+            self.set_coefficients(value[:, 1:])
 
     def set_coefficients(self, coefficients: torch.Tensor) -> None:
         """Store `coefficients` of shape `(batch_size, num_task_vectors)` for the next forward pass."""
@@ -195,69 +285,128 @@ class MixingState:
                 f"Expected coefficients of shape (batch_size, {self.num_task_vectors}), received "
                 f"{tuple(coefficients.shape)}."
             )
-        ones = torch.ones_like(coefficients[:, :1])
-        self.weights = torch.cat([ones, coefficients], dim=1)
+        self._coefficients = coefficients.float()
+
+    def require_coefficients(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Return the float32 coefficients `(batch_size, num_task_vectors)`, moved to `device` when given."""
+        if self._coefficients is None:
+            raise RuntimeError("Set the per-sample coefficients with `set_coefficients` before the forward pass.")
+        if self._coefficients.shape[0] != batch_size:
+            raise ValueError(
+                f"The per-sample coefficients cover {self._coefficients.shape[0]} samples but the batch contains "
+                f"{batch_size}. Set one coefficient row per sample before the forward pass."
+            )
+        return self._coefficients if device is None else self._coefficients.to(device)
 
     def require_weights(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.weights is None:
-            raise RuntimeError("Set the per-sample coefficients with `set_coefficients` before the forward pass.")
-        if self.weights.shape[0] != batch_size:
-            raise ValueError(
-                f"The per-sample coefficients cover {self.weights.shape[0]} samples but the batch holds "
-                f"{batch_size}."
-            )
-        return self.weights.to(dtype)
+        """Return `weights` `(batch_size, 1 + num_task_vectors)` in `dtype`, checking the batch size."""
+        coefficients = self.require_coefficients(batch_size)
+        return torch.cat([torch.ones_like(coefficients[:, :1]), coefficients], dim=1).to(dtype)
 
 
-def _stack_deltas(base: torch.Tensor, endpoints: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack [base, endpoint_1 - base, ...] along a new leading dimension, computed in float32."""
+def _task_deltas(base: torch.Tensor, endpoints: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack the task vectors [endpoint_1 - base, ...] along a new leading dimension, computed in float32."""
     base32 = base.detach().float()
-    parts = [base32] + [endpoint.detach().to(base.device).float() - base32 for endpoint in endpoints]
-    return torch.stack(parts).to(base.dtype)
+    deltas = [endpoint.detach().to(base.device).float() - base32 for endpoint in endpoints]
+    return torch.stack(deltas).to(base.dtype)
 
 
-def _combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Combine stacked outputs `(batch, ..., 1 + T, features)` with `weights` `(batch, 1 + T)`."""
-    if weights.shape[1] == 2:
-        # One task vector: base + lambda * delta as a single fused multiply-add.
-        shape = (weights.shape[0],) + (1,) * (outputs.ndim - 2)
-        return torch.addcmul(outputs[..., 0, :], outputs[..., 1, :], weights[:, 1].reshape(shape))
-    shape = (weights.shape[0],) + (1,) * (outputs.ndim - 3) + (1, weights.shape[1])
-    return torch.matmul(weights.reshape(shape), outputs).squeeze(-2)
+def _optional_deltas(
+    base: torch.Tensor | None, endpoints: Sequence[torch.Tensor | None], size: int, like: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return `(base, task vectors)` of optional biases; a missing bias counts as zeros."""
+    if base is None and all(endpoint is None for endpoint in endpoints):
+        return None, None
+    zeros = torch.zeros(size, dtype=like.dtype, device=like.device)
+    base = base.detach() if base is not None else zeros
+    return base, _task_deltas(base, [endpoint if endpoint is not None else zeros for endpoint in endpoints])
+
+
+def _per_sample_vectors(base: torch.Tensor, deltas: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Mix a 1-D parameter per sample: `base + sum_t c[:, t] deltas[t]`, shape `(batch_size, size)`.
+
+    Args:
+        base (`torch.Tensor` of shape `(size,)`): The base parameter.
+        deltas (`torch.Tensor` of shape `(num_task_vectors, size)`): Its task vectors.
+        coefficients (`torch.Tensor` of shape `(batch_size, num_task_vectors)`): float32 coefficients.
+    """
+    mixed = base.float().expand(coefficients.shape[0], -1)
+    for index in range(deltas.shape[0]):
+        mixed = torch.addcmul(mixed, coefficients[:, index : index + 1], deltas[index].float())
+    return mixed.to(base.dtype)
+
+
+def _scale_per_sample(hidden_states: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """Multiply sample b of `hidden_states` `(batch_size, ...)` by `coefficient[b]` `(batch_size,)`.
+
+    The product is taken in float32 and rounded once to the activation dtype, so reduced-precision models do
+    not round the coefficient itself.
+    """
+    shape = (coefficient.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    scale = coefficient.reshape(shape)
+    if hidden_states.dtype == torch.float32:
+        return hidden_states * scale
+    return (hidden_states.float() * scale).to(hidden_states.dtype)
 
 
 class MixedLinear(nn.Module):
-    """A Linear layer whose output is mixed per sample over a base weight and task vectors.
+    """A Linear layer applied with per-sample weights W_0 + sum_t c_t dW_t, without materialising them.
 
-    The stacked weight `[W_0; dW_1; ...; dW_T]` of shape `((1 + T) * out_features, in_features)` is applied in
-    one matmul. A missing bias counts as zeros.
+    The output is computed as h W_0^T + sum_t (c_t h) dW_t^T + b(c): one matmul with the base weight, which
+    is shared with the zero-shot layer rather than copied, and one accumulating matmul per task vector on
+    the scaled input. No intermediate of twice the output width is created. A missing bias counts as zeros.
+
+    Attributes:
+        weight (`torch.Tensor` of shape `(out_features, in_features)`): The base weight W_0.
+        delta_weight (`torch.Tensor` of shape `(num_task_vectors, out_features, in_features)`): Task vectors.
+        bias, delta_bias: The base bias `(out_features,)` and its task vectors `(num_task_vectors,
+            out_features)`, or `None` when no endpoint has a bias.
     """
 
     def __init__(self, base: nn.Linear, endpoints: Sequence[nn.Linear], state: MixingState):
         super().__init__()
         self.state = state
+        self.in_features = base.in_features
         self.out_features = base.out_features
-        stacked = _stack_deltas(base.weight, [endpoint.weight for endpoint in endpoints])
-        self.register_buffer("weight", stacked.flatten(0, 1), persistent=False)
-        biases = [layer.bias for layer in [base, *endpoints]]
-        if all(bias is None for bias in biases):
-            self.register_buffer("bias", None, persistent=False)
-        else:
-            filled = [
-                bias if bias is not None else torch.zeros(base.out_features, dtype=base.weight.dtype, device=base.weight.device)
-                for bias in biases
-            ]
-            self.register_buffer("bias", _stack_deltas(filled[0], filled[1:]).flatten(0, 1), persistent=False)
+        self.register_buffer("weight", base.weight.detach(), persistent=False)
+        self.register_buffer(
+            "delta_weight", _task_deltas(base.weight, [endpoint.weight for endpoint in endpoints]), persistent=False
+        )
+        bias, delta_bias = _optional_deltas(
+            base.bias, [endpoint.bias for endpoint in endpoints], base.out_features, base.weight
+        )
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("delta_bias", delta_bias, persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weights = self.state.require_weights(hidden_states.shape[0], hidden_states.dtype)
-        outputs = F.linear(hidden_states, self.weight, self.bias)
-        outputs = outputs.unflatten(-1, (weights.shape[1], self.out_features))
-        return _combine(outputs, weights)
+        if hidden_states.ndim < 2:
+            raise ValueError(
+                f"MixedLinear expects inputs of shape (batch_size, ..., {self.in_features}), received "
+                f"{tuple(hidden_states.shape)}."
+            )
+        batch_size = hidden_states.shape[0]
+        coefficients = self.state.require_coefficients(batch_size, self.weight.device)
+        hidden_states = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype)
+
+        # Start from the per-sample bias, broadcast over the inner dimensions, then accumulate h W_0^T and each
+        # (c_t h) dW_t^T into the same buffer of shape (rows, out_features).
+        output_shape = hidden_states.shape[:-1] + (self.out_features,)
+        rows = hidden_states.reshape(-1, self.in_features)
+        if self.bias is None:
+            output = torch.matmul(rows, self.weight.t())
+        else:
+            bias = _per_sample_vectors(self.bias, self.delta_bias, coefficients)
+            output = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype, device=rows.device)
+            output.view(output_shape).copy_(bias.reshape((batch_size,) + (1,) * (len(output_shape) - 2) + (self.out_features,)))
+            output.addmm_(rows, self.weight.t())
+        for index in range(self.delta_weight.shape[0]):
+            scaled = _scale_per_sample(hidden_states, coefficients[:, index]).reshape(-1, self.in_features)
+            output.addmm_(scaled, self.delta_weight[index].t())
+        return output.reshape(output_shape)
 
 
 class MixedConv2d(nn.Module):
-    """A bias-free or biased Conv2d whose output channels are mixed per sample over base and task vectors."""
+    """A Conv2d applied with per-sample weights W_0 + sum_t c_t dW_t: conv(x, W_0) + sum_t conv(c_t x, dW_t)."""
 
     def __init__(self, base: nn.Conv2d, endpoints: Sequence[nn.Conv2d], state: MixingState):
         super().__init__()
@@ -269,21 +418,28 @@ class MixedConv2d(nn.Module):
         self.state = state
         self.out_channels = base.out_channels
         self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
-        stacked = _stack_deltas(base.weight, [endpoint.weight for endpoint in endpoints])
-        self.register_buffer("weight", stacked.flatten(0, 1), persistent=False)
-        if base.bias is None and all(endpoint.bias is None for endpoint in endpoints):
-            self.register_buffer("bias", None, persistent=False)
-        else:
-            zeros = torch.zeros(base.out_channels, dtype=base.weight.dtype, device=base.weight.device)
-            biases = [layer.bias if layer.bias is not None else zeros for layer in [base, *endpoints]]
-            self.register_buffer("bias", _stack_deltas(biases[0], biases[1:]).flatten(0, 1), persistent=False)
+        self.register_buffer("weight", base.weight.detach(), persistent=False)
+        self.register_buffer(
+            "delta_weight", _task_deltas(base.weight, [endpoint.weight for endpoint in endpoints]), persistent=False
+        )
+        bias, delta_bias = _optional_deltas(
+            base.bias, [endpoint.bias for endpoint in endpoints], base.out_channels, base.weight
+        )
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("delta_bias", delta_bias, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weights = self.state.require_weights(pixel_values.shape[0], self.weight.dtype)
-        outputs = F.conv2d(pixel_values.to(self.weight.dtype), self.weight, self.bias, self.stride, self.padding, self.dilation)
-        # (batch, (1 + T) * channels, height, width) -> (batch, height, width, 1 + T, channels)
-        outputs = outputs.unflatten(1, (weights.shape[1], self.out_channels)).permute(0, 3, 4, 1, 2)
-        return _combine(outputs, weights).permute(0, 3, 1, 2)
+        batch_size = pixel_values.shape[0]
+        coefficients = self.state.require_coefficients(batch_size, self.weight.device)
+        pixel_values = pixel_values.to(device=self.weight.device, dtype=self.weight.dtype)
+        output = F.conv2d(pixel_values, self.weight, None, self.stride, self.padding, self.dilation)
+        for index in range(self.delta_weight.shape[0]):
+            scaled = _scale_per_sample(pixel_values, coefficients[:, index])
+            output += F.conv2d(scaled, self.delta_weight[index], None, self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            bias = _per_sample_vectors(self.bias, self.delta_bias, coefficients)
+            output += bias.reshape(batch_size, self.out_channels, 1, 1)
+        return output
 
 
 class MixedLayerNorm(nn.Module):
@@ -296,16 +452,20 @@ class MixedLayerNorm(nn.Module):
         self.state = state
         self.normalized_shape = base.normalized_shape
         self.eps = base.eps
-        self.register_buffer("weight", _stack_deltas(base.weight, [e.weight for e in endpoints]), persistent=False)
-        self.register_buffer("bias", _stack_deltas(base.bias, [e.bias for e in endpoints]), persistent=False)
+        self.register_buffer("weight", base.weight.detach(), persistent=False)
+        self.register_buffer("bias", base.bias.detach(), persistent=False)
+        self.register_buffer("delta_weight", _task_deltas(base.weight, [e.weight for e in endpoints]), persistent=False)
+        self.register_buffer("delta_bias", _task_deltas(base.bias, [e.bias for e in endpoints]), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weights = self.state.require_weights(hidden_states.shape[0], self.weight.dtype)
+        batch_size = hidden_states.shape[0]
+        coefficients = self.state.require_coefficients(batch_size, self.weight.device)
+        hidden_states = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype)
         normalized = F.layer_norm(hidden_states, self.normalized_shape, None, None, self.eps)
-        # Per-sample scale and shift: (batch, hidden_size), broadcast over the sequence.
-        scale = weights @ self.weight
-        shift = weights @ self.bias
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 2) + (hidden_states.shape[-1],)
+        # Per-sample scale and shift: (batch_size, hidden_size), broadcast over the sequence.
+        scale = _per_sample_vectors(self.weight, self.delta_weight, coefficients)
+        shift = _per_sample_vectors(self.bias, self.delta_bias, coefficients)
+        shape = (batch_size,) + (1,) * (hidden_states.ndim - 2) + (hidden_states.shape[-1],)
         return torch.addcmul(shift.reshape(shape), normalized, scale.reshape(shape))
 
 
@@ -319,12 +479,16 @@ class MixedVisionEmbeddings(nn.Module):
         self.state = state
         self.image_size = base.image_size
         self.patch_embedding = MixedConv2d(base.patch_embedding, [e.patch_embedding for e in endpoints], state)
+        self.register_buffer("class_embedding", base.class_embedding.detach(), persistent=False)
         self.register_buffer(
-            "class_embedding", _stack_deltas(base.class_embedding, [e.class_embedding for e in endpoints]), persistent=False
+            "delta_class_embedding",
+            _task_deltas(base.class_embedding, [e.class_embedding for e in endpoints]),
+            persistent=False,
         )
-        positions = base.position_embedding(base.position_ids).squeeze(0)
+        positions = base.position_embedding(base.position_ids).squeeze(0).detach()
         endpoint_positions = [e.position_embedding(e.position_ids).squeeze(0) for e in endpoints]
-        self.register_buffer("position_embedding", _stack_deltas(positions, endpoint_positions), persistent=False)
+        self.register_buffer("position_embedding", positions, persistent=False)
+        self.register_buffer("delta_position_embedding", _task_deltas(positions, endpoint_positions), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if interpolate_pos_encoding:
@@ -339,11 +503,13 @@ class MixedVisionEmbeddings(nn.Module):
                 f"Input image size ({height}x{width}) does not match the model ({self.image_size}x{self.image_size}). "
                 "Preprocess images with the model's image processor."
             )
-        weights = self.state.require_weights(batch_size, self.class_embedding.dtype)
+        coefficients = self.state.require_coefficients(batch_size, self.class_embedding.device)
         patch_embeds = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        class_embeds = (weights @ self.class_embedding).unsqueeze(1)
-        positions = torch.einsum("bk,kpd->bpd", weights, self.position_embedding)
-        return torch.cat([class_embeds, patch_embeds], dim=1) + positions
+        class_embeds = _per_sample_vectors(self.class_embedding, self.delta_class_embedding, coefficients)
+        positions = _per_sample_vectors(
+            self.position_embedding.flatten(), self.delta_position_embedding.flatten(1), coefficients
+        ).reshape((batch_size,) + self.position_embedding.shape)
+        return torch.cat([class_embeds.unsqueeze(1), patch_embeds], dim=1) + positions
 
 
 _MIXED_TYPES: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
@@ -426,7 +592,39 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     clone._modules = dict(module._modules)
     clone._parameters = {}
     clone._buffers = dict(module._buffers)
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        _rebind_accelerate_hook(module, clone, hook)
     return clone
+
+
+def _rebind_accelerate_hook(module: nn.Module, clone: nn.Module, hook) -> None:
+    """Attach the Accelerate hook of `module` (set by `device_map`) to its shallow copy `clone`.
+
+    Accelerate stores a forward bound to the hooked module on the instance, so a shallow copy would run the
+    original module's layers. The copy gets the class forward back and its own hook around it, which moves
+    inputs to the same execution device.
+    """
+    # Inside `try`, so that remote-code copies of this module do not list Accelerate as a requirement. A module
+    # only has an `_hf_hook` when Accelerate placed it, so the import succeeds whenever this function runs.
+    try:
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    except ImportError as error:
+        raise ImportError("Copying a layer placed by Accelerate needs the accelerate package.") from error
+
+    if getattr(hook, "offload", False) or not isinstance(hook, AlignDevicesHook):
+        raise NotImplementedError(
+            f"Per-sample interpolation cannot copy the layer {type(module).__name__} placed with "
+            f"{type(hook).__name__}(offload={getattr(hook, 'offload', None)}); offloaded endpoints are not supported. "
+            "Load both endpoints with a device_map that keeps every weight on a device."
+        )
+    for attribute in ("forward", "_old_forward", "_hf_hook"):
+        clone.__dict__.pop(attribute, None)
+    # A hook without offloading only moves inputs (and outputs, with io_same_device) between devices.
+    add_hook_to_module(
+        clone,
+        AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device),
+    )
 
 
 def _replace_children(module: nn.Module, replacements: Mapping[str, nn.Module], prefix: str = "") -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,14 @@ from .coefficients import (
 )
 from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
 from .heads import build_zero_shot_head, check_class_names, linear_head_from
-from .interpolation import build_mixed_module, check_compatible_state_dicts, merge_task_vectors
+from .interpolation import (
+    build_merged_module,
+    build_mixed_module,
+    check_compatible_state_dicts,
+    merge_task_vectors,
+)
 from .mixture import BetaMixture
+from .placement import check_dtype_supported, prepare_endpoint, resolve_dtype, split_device_map
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -83,7 +90,7 @@ class CLIPImageClassifier(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Classify `pixel_values` `(batch_size, 3, height, width)` into logits `(batch_size, num_classes)`."""
-        dtype = self.head.weight.dtype
+        dtype = check_dtype_supported(self.head.weight.dtype, self.head.weight.device)
         pooled = self.vision_model(pixel_values=pixel_values.to(dtype)).pooler_output
         features = F.normalize(self.visual_projection(pooled), dim=-1)
         return self.head(features)
@@ -200,8 +207,11 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 reference values for known OpenAI CLIP backbones and `(1.0, 1.0)` otherwise.
             offset_adjustment (`bool`, *optional*, defaults to `False`): Apply the offset adjustment.
             n_components (`int`, *optional*, defaults to 3): Components of the Beta mixture.
-            dtype (`torch.dtype` or `str`, *optional*): Dtype to load the endpoints in (for example `torch.bfloat16`).
-            device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for both endpoints.
+            dtype (`torch.dtype` or `str`, *optional*): Dtype of the endpoints (for example `torch.bfloat16`); a
+                loaded `CLIPModel` is cast in place. Entropies, coefficients and the mixture stay float32.
+            device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for both endpoints, or
+                `{"zero_shot": map, "fine_tuned": map}` for one map each. A loaded `CLIPModel` accepts a single
+                device only.
             progress (`bool`, *optional*, defaults to `False`): Show progress while building zero-shot heads.
             **from_pretrained_kwargs: Further arguments of `CLIPModel.from_pretrained` (for example `revision`).
 
@@ -210,7 +220,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 
         Raises:
             ValueError: If the endpoints differ in architecture (missing, extra and mismatched keys are listed),
-                class names are empty or duplicated, or a setting is invalid.
+                class names are empty or duplicated, a setting is invalid, the dtype is not supported on an
+                endpoint's device, or the device map offloads weights to disk (the sizes are listed).
             TypeError: If an endpoint is neither a path, a Hub id nor a `CLIPModel`.
         """
         names = check_class_names(class_names)
@@ -220,11 +231,21 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 
         load_kwargs = dict(from_pretrained_kwargs)
         if dtype is not None:
-            load_kwargs["dtype"] = dtype
-        if device_map is not None:
-            load_kwargs["device_map"] = device_map
-        zero_shot_model, zero_shot_source = _load_endpoint(zero_shot, "zero-shot", load_kwargs)
-        fine_tuned_model, fine_tuned_source = _load_endpoint(fine_tuned, "fine-tuned", load_kwargs)
+            load_kwargs["dtype"] = dtype = resolve_dtype(dtype)
+        endpoint_maps = split_device_map(device_map)
+        # transformers rewrites max_memory in place; keep the caller's values for error messages.
+        requested_memory = dict(load_kwargs.get("max_memory") or {})
+        loaded = {}
+        for key, endpoint in (("zero_shot", zero_shot), ("fine_tuned", fine_tuned)):
+            name = key.replace("_", "-")
+            kwargs = load_kwargs if endpoint_maps[key] is None else {**load_kwargs, "device_map": endpoint_maps[key]}
+            endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
+            endpoint_model = prepare_endpoint(
+                endpoint_model, f"{name} endpoint", dtype=dtype, device_map=endpoint_maps[key],
+                max_memory=requested_memory, loaded_here=not isinstance(endpoint, CLIPModel),
+            )
+            loaded[key] = (endpoint_model, source)
+        (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = loaded.values()
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
 
         if processor is None:
@@ -293,7 +314,18 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
-        """Save config, both endpoints, heads and the fitted mixture (safetensors), and the processor if any."""
+        """Save config, both endpoints, heads and the fitted mixture (safetensors), and the processor if any.
+
+        The module files of this model are copied beside the weights and `config.json` gets an `auto_map`, so
+        `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
+        folder where hf_dawin is not installed.
+        """
+        # `register_for_auto_class` (end of this module) adds the AutoConfig and AutoModelForImageClassification
+        # entries when the files are copied. The AutoModel entry is added here.
+        module_name = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
+        self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
@@ -307,9 +339,75 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved DaWin model and, when present beside it, its processor."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, kwargs))
+        # transformers rewrites max_memory in place; keep the caller's values for error messages.
+        requested_memory = dict(kwargs.get("max_memory") or {})
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load a DaWin model from {str(pretrained_model_name_or_path)!r}: "
+                f"{str(error).rstrip('.')}.{_offline_note()} Pass a folder written by DaWinCLIPModel.save_pretrained "
+                "or a Hub id reachable from this machine."
+            ) from error
+        processor_kwargs = dict(kwargs)
+        if cls.__module__.startswith("transformers_modules."):
+            # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
+            # config.json, whose `auto_map` would make transformers ask for that trust again.
+            processor_kwargs["trust_remote_code"] = True
+        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, processor_kwargs))
+        prepare_endpoint(model, "DaWin model", max_memory=requested_memory)
         return model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        results: dict | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ):
+        """Upload the model, its processor and a DaWin model card to the Hub in one commit.
+
+        See [`hf_dawin.hub.push_dawin_to_hub`] for the arguments. `results`, the output of
+        `hf_dawin.evaluation.evaluate_pair`, adds evaluation results to the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit.
+        """
+        # Imported by absolute name inside `try`: transformers copies every relatively imported module into
+        # remote-code folders and requires every import outside `try` blocks to be installed, so the Hub code
+        # stays out of them. A remote-code copy without hf_dawin falls back to the generic upload.
+        try:
+            from hf_dawin.hub import push_dawin_to_hub
+        except ImportError:
+            logger.warning("hf_dawin is not installed, so the model is pushed with a generic model card.")
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                **kwargs,
+            )
+        return push_dawin_to_hub(
+            self,
+            repo_id,
+            results=results,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------------------
     # Building blocks
@@ -387,7 +485,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
     def _weights_key(self) -> tuple:
         tensors = list(self.zero_shot.parameters()) + list(self.fine_tuned.parameters())
         tensors += list(self.zero_shot_head.parameters()) + list(self.fine_tuned_head.parameters())
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        # NOTE: tensors created under torch.inference_mode have no version counter, so an in-place change of
+        # such a weight is not detected; call clear_merged_cache() after editing weights in place.
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in tensors)
 
     def _cached(self, name: str, extra_key: tuple, build):
         key = (self._weights_key(), extra_key)
@@ -431,12 +531,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         alpha = check_alpha(alpha)
 
         def build():
+            # Only the image classifier (vision tower, projection, head) is merged, never the text tower.
             zero_shot_classifier, fine_tuned_classifier = self.endpoint_classifiers()
-            merged = copy.deepcopy(zero_shot_classifier)
-            merged.load_state_dict(
-                merge_task_vectors(zero_shot_classifier.state_dict(), [fine_tuned_classifier.state_dict()], [alpha])
-            )
-            return merged.eval()
+            return build_merged_module(zero_shot_classifier, [fine_tuned_classifier], [alpha])
 
         return self._cached(f"merged:{alpha!r}", (alpha,), build)
 
@@ -594,7 +691,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             [`DaWinImageClassifierOutput`].
         """
         mode = check_mode(mode if mode is not None else self.config.mode)
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
             raise ValueError("DaWinCLIPModel needs pixel_values of shape (batch_size, 3, height, width).")
         if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
@@ -663,14 +760,21 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
             model = CLIPModel.from_pretrained(str(endpoint), **load_kwargs)
         except OSError as error:
             raise OSError(
-                f"Could not load the {name} endpoint from {str(endpoint)!r}: {error}. Pass a local directory saved "
-                "with CLIPModel.save_pretrained, a Hub id reachable from this machine, or a loaded CLIPModel."
+                f"Could not load the {name} endpoint from {str(endpoint)!r}: {str(error).rstrip('.')}.{_offline_note()} "
+                "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
+                "a loaded CLIPModel."
             ) from error
         return model, str(endpoint)
     raise TypeError(
         f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
         f"{type(endpoint).__name__}."
     )
+
+
+def _offline_note() -> str:
+    if not huggingface_hub.constants.is_offline_mode():
+        return ""
+    return " Offline mode is on (HF_HUB_OFFLINE=1), so only local folders and files already in the Hub cache load."
 
 
 def _load_processor(source, model: CLIPModel) -> CLIPProcessor | None:
@@ -690,7 +794,11 @@ def _load_processor(source, model: CLIPModel) -> CLIPProcessor | None:
 
 
 def _try_load_processor(name_or_path, kwargs: dict) -> CLIPProcessor | None:
-    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
+    hub_kwargs = {
+        key: kwargs[key]
+        for key in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+        if key in kwargs
+    }
     try:
         return CLIPProcessor.from_pretrained(str(name_or_path), **hub_kwargs)
     except (OSError, ValueError, TypeError):
@@ -725,3 +833,8 @@ def _check_coefficients(coefficients: torch.Tensor, batch_size: int) -> torch.Te
     if not bool(((coefficients >= 0) & (coefficients <= 1)).all()):
         raise ValueError("Coefficients must lie in [0, 1] (the weight on the fine-tuned endpoint).")
     return coefficients
+
+
+# Saving copies this module and its relative imports beside the weights and writes `auto_map` into the config.
+DaWinCLIPConfig.register_for_auto_class()
+DaWinCLIPModel.register_for_auto_class("AutoModelForImageClassification")

@@ -1,0 +1,297 @@
+"""Endpoint placement: which dtypes a device can run, and device maps that keep every weight in memory.
+
+DaWin models run their endpoints in float32, bfloat16 or float16. Entropies, coefficients and the Beta
+mixture are always computed in float32 from float32 copies of the logits, so only the CLIP forward passes
+run in reduced precision. A dtype that the device cannot run raises a `ValueError` naming the dtype, the
+device and what to use instead, rather than an operator error deep inside the vision tower.
+
+Endpoints can be placed with `device_map`, one map for both or one per endpoint. Interpolation reads every
+weight of both endpoints, so a map that offloads weights to disk (what `device_map="auto"` does when
+`max_memory` is too small) is rejected with the sizes involved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "ENDPOINT_NAMES",
+    "SUPPORTED_DTYPES",
+    "check_dtype_supported",
+    "check_endpoint_in_memory",
+    "check_module_precision",
+    "prepare_endpoint",
+    "resolve_dtype",
+    "split_device_map",
+]
+
+ENDPOINT_NAMES = ("zero_shot", "fine_tuned")
+
+SUPPORTED_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+# (dtype, device) pairs that passed the check in this process; the probe runs once per pair.
+_VERIFIED: set[tuple[torch.dtype, str]] = set()
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Return the `torch.dtype` named by `dtype` (`"bfloat16"`, `"torch.float16"` or a dtype itself).
+
+    Raises:
+        ValueError: If `dtype` is not float32, bfloat16, float16 or float64.
+    """
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif isinstance(dtype, str):
+        resolved = SUPPORTED_DTYPES.get(dtype.removeprefix("torch."))
+    else:
+        resolved = None
+    if resolved not in SUPPORTED_DTYPES.values():
+        raise ValueError(
+            f"Expected dtype float32, bfloat16, float16 or float64 (a torch.dtype or its name), received {dtype!r}."
+        )
+    return resolved
+
+
+def _probe(dtype: torch.dtype, device: torch.device) -> None:
+    """Run each operator type of a CLIP vision tower once on tiny tensors of `dtype` on `device`."""
+    images = torch.randn(1, 3, 4, 4, device=device).to(dtype)
+    patches = F.conv2d(images, torch.randn(8, 3, 2, 2, device=device).to(dtype), stride=2)
+    tokens = patches.flatten(2).transpose(1, 2)
+    tokens = F.layer_norm(tokens, (8,), torch.ones(8, device=device, dtype=dtype), None)
+    query = F.linear(tokens, torch.randn(8, 8, device=device).to(dtype)).reshape(1, 4, 2, 4).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(query, query, query)
+    hidden = torch.sigmoid(1.702 * attended) * attended + F.gelu(attended)
+    torch.addcmul(hidden, hidden, hidden).float().log_softmax(dim=-1)
+
+
+def check_dtype_supported(dtype: torch.dtype | str, device: torch.device | str) -> torch.dtype:
+    """Check that `device` can run a CLIP vision tower in `dtype`; return the resolved dtype.
+
+    float32 always passes. bfloat16 on CUDA needs native support (compute capability 8.0 or newer, as
+    reported by `torch.cuda.is_bf16_supported(including_emulation=False)`). Every other reduced-precision pair
+    runs a tiny probe of the operators the vision tower uses, once per process.
+
+    Args:
+        dtype (`torch.dtype` or `str`): The requested dtype.
+        device (`torch.device` or `str`): The device the weights live on.
+
+    Returns:
+        `torch.dtype`: The resolved dtype.
+
+    Raises:
+        ValueError: If the dtype is not supported on the device; the message names both and a fix.
+    """
+    resolved = resolve_dtype(dtype)
+    device = torch.device(device)
+    if resolved in _FULL_PRECISION or device.type == "meta":
+        return resolved
+    key = (resolved, str(device))
+    if key in _VERIFIED:
+        return resolved
+
+    name = str(resolved).removeprefix("torch.")
+    if device.type == "cuda" and resolved == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(
+            f"dtype bfloat16 was requested on {device}, but this GPU has no native bfloat16 support "
+            "(it needs compute capability 8.0 or newer). Load the endpoints with dtype=torch.float16 or "
+            "dtype=torch.float32 instead."
+        )
+    try:
+        with torch.inference_mode():
+            _probe(resolved, device)
+    except (RuntimeError, NotImplementedError) as error:
+        raise ValueError(
+            f"dtype {name} is not supported on {device} by this PyTorch build: a CLIP operator failed with "
+            f"'{error}'. Use dtype=torch.float32"
+            + (" or dtype=torch.bfloat16" if resolved == torch.float16 and device.type == "cpu" else "")
+            + ", or move the model to a device that supports it."
+        ) from error
+
+    if device.type == "cpu" and resolved == torch.float16 and not _cpu_has_native_float16():
+        logger.warning(
+            "float16 on this CPU runs through slow fallback kernels (no native float16 support); bfloat16 or "
+            "float32 is faster here."
+        )
+    _VERIFIED.add(key)
+    return resolved
+
+
+def _cpu_has_native_float16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_module_precision(module: nn.Module, name: str = "model") -> None:
+    """Check every (dtype, device) pair of the floating-point parameters and buffers of `module`.
+
+    Args:
+        module (`nn.Module`): For example an endpoint `CLIPModel`, possibly spread over devices.
+        name (`str`): Name of the module in the error message.
+
+    Raises:
+        ValueError: If a pair is not supported; the message names `name`.
+    """
+    pairs = {
+        (tensor.dtype, tensor.device)
+        for tensor in [*module.parameters(), *module.buffers()]
+        if tensor.is_floating_point()
+    }
+    for dtype, device in sorted(pairs, key=str):
+        try:
+            check_dtype_supported(dtype, device)
+        except ValueError as error:
+            raise ValueError(f"The {name} cannot run as loaded: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device maps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def split_device_map(device_map: str | dict | torch.device | None) -> dict[str, str | dict | torch.device | None]:
+    """Return one device map per endpoint.
+
+    A mapping whose keys are exactly `zero_shot` and `fine_tuned` contains one map per endpoint (for example
+    `{"zero_shot": "cuda:0", "fine_tuned": "cuda:1"}`); any other value is used for both endpoints.
+
+    Raises:
+        ValueError: If a per-endpoint mapping names only one endpoint or other keys beside them.
+    """
+    if isinstance(device_map, dict) and set(device_map) & set(ENDPOINT_NAMES):
+        if set(device_map) != set(ENDPOINT_NAMES):
+            raise ValueError(
+                "A per-endpoint device_map needs exactly the keys 'zero_shot' and 'fine_tuned', received "
+                f"{sorted(device_map)}. Pass one map for both endpoints, or one entry for each."
+            )
+        return {name: device_map[name] for name in ENDPOINT_NAMES}
+    return {name: device_map for name in ENDPOINT_NAMES}
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | None = None) -> None:
+    """Raise if a loaded model has weights offloaded to disk or left on the meta device.
+
+    Args:
+        model (`nn.Module`): A model loaded with `from_pretrained(..., device_map=...)`.
+        name (`str`): Its name in the message, for example `"zero-shot endpoint"`.
+        max_memory (`dict`, *optional*): The `max_memory` passed to the loader, quoted in the message.
+
+    Raises:
+        ValueError: Naming the offloaded modules, the model's size and `max_memory`.
+    """
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted(module for module, device in device_map.items() if str(device) == "disk")
+    on_meta = [key for key, tensor in model.state_dict().items() if tensor.device.type == "meta"]
+    if not offloaded and not on_meta:
+        return
+    total = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    placed = {}
+    for module, device in device_map.items():
+        if str(device) == "disk":
+            continue
+        prefix = f"{module}." if module else ""
+        size = sum(
+            tensor.numel() * tensor.element_size()
+            for key, tensor in model.state_dict().items()
+            if key.startswith(prefix) and tensor.device.type != "meta"
+        )
+        placed[str(device)] = placed.get(str(device), 0) + size
+    limits = ", ".join(
+        f"{device}: {_format_bytes(limit) if isinstance(limit, int) else limit}"
+        for device, limit in sorted((max_memory or {}).items(), key=str)
+    ) or "not set"
+    in_memory = ", ".join(f"{device}: {_format_bytes(size)}" for device, size in sorted(placed.items())) or "nothing"
+    problem = f"{len(offloaded)} module(s) offloaded to disk ({', '.join(offloaded[:5]) or 'the whole model'})"
+    if not offloaded:
+        problem = f"{len(on_meta)} tensor(s) left on the meta device ({', '.join(on_meta[:5])})"
+    raise ValueError(
+        f"The {name} does not fit in the memory its device map allows: it needs {_format_bytes(total)} but "
+        f"{problem}; placed in memory: {in_memory}; max_memory: {limits}. DaWin reads every weight of both "
+        "endpoints, so it cannot run from disk. Raise max_memory, add a device, or load in a smaller dtype "
+        "(dtype=torch.bfloat16 halves the size)."
+    )
+
+
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _single_device(device_map) -> torch.device | None:
+    """Return the device of a map that places a whole model on one device, else `None`."""
+    if isinstance(device_map, dict):
+        if set(device_map) == {""}:
+            device_map = device_map[""]
+        else:
+            return None
+    if isinstance(device_map, str) and device_map in _STRATEGIES:
+        return None
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def prepare_endpoint(
+    model: nn.Module,
+    name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | torch.device | None = None,
+    max_memory: dict | None = None,
+    loaded_here: bool = True,
+) -> nn.Module:
+    """Bring an endpoint to the requested dtype and placement and check that it can run there.
+
+    A model loaded by `from_pretrained` already has both. A `CLIPModel` passed in by the caller is converted
+    in place: cast to `dtype`, and moved when `device_map` names one device. Other maps need the weights to
+    be loaded from a path.
+
+    Args:
+        model (`nn.Module`): The endpoint `CLIPModel`.
+        name (`str`): Its name in messages, for example `"zero-shot endpoint"`.
+        dtype (`torch.dtype`, *optional*): The requested dtype.
+        device_map (*optional*): The requested placement of this endpoint.
+        max_memory (`dict`, *optional*): The `max_memory` given to the loader, quoted in errors.
+        loaded_here (`bool`): Whether `model` was just loaded with `dtype` and `device_map`.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: If a passed-in model cannot take `device_map`, weights were offloaded to disk, or the
+            dtype is not supported on a device the model uses.
+    """
+    if not loaded_here:
+        if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+            model = model.to(dtype)
+        if device_map is not None:
+            device = _single_device(device_map)
+            if device is None:
+                raise ValueError(
+                    f"device_map={device_map!r} cannot be applied to the {name}, which was passed in as a loaded "
+                    "model. Pass its directory or Hub id so that it is loaded with the map, or place it yourself "
+                    "and omit device_map."
+                )
+            model = model.to(device)
+    check_endpoint_in_memory(model, name, max_memory)
+    check_module_precision(model, name)
+    return model

@@ -1,0 +1,111 @@
+"""Placement with device_map: one map, per-endpoint maps, Accelerate hooks, and maps that do not fit."""
+
+import pytest
+import torch
+from accelerate import dispatch_model
+
+from hf_dawin import DaWinCLIPModel
+from hf_dawin.placement import split_device_map
+
+from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_clip
+
+
+@pytest.fixture()
+def images():
+    return torch.randn(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(9))
+
+
+def _pair(tiny_pair_dirs, **kwargs):
+    return DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, **kwargs
+    )
+
+
+@torch.inference_mode()
+def _logits(model, images):
+    return {mode: model(pixel_values=images, mode=mode).logits for mode in ("sample", "static", "output_ensemble")}
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    ["cpu", {"": "cpu"}, "auto", {"zero_shot": "cpu", "fine_tuned": {"": "cpu"}}, {"zero_shot": "auto", "fine_tuned": "cpu"}],
+    ids=["string", "whole-model-dict", "auto", "per-endpoint", "per-endpoint-auto"],
+)
+def test_pair_device_maps_match_default(tiny_model, tiny_pair_dirs, images, device_map):
+    placed = _pair(tiny_pair_dirs, device_map=device_map)
+    assert {parameter.device.type for parameter in placed.parameters()} == {"cpu"}
+    expected = _logits(tiny_model, images)
+    for mode, logits in _logits(placed, images).items():
+        torch.testing.assert_close(logits, expected[mode], msg=mode)
+
+
+def test_split_device_map_cases():
+    assert split_device_map("cpu") == {"zero_shot": "cpu", "fine_tuned": "cpu"}
+    module_map = {"vision_model": 0, "text_model": "cpu"}
+    assert split_device_map(module_map) == {"zero_shot": module_map, "fine_tuned": module_map}
+    with pytest.raises(ValueError, match=r"exactly the keys 'zero_shot' and 'fine_tuned', received \['zero_shot'\]"):
+        split_device_map({"zero_shot": "cpu"})
+    with pytest.raises(ValueError, match="received"):
+        split_device_map({"zero_shot": "cpu", "fine_tuned": "cpu", "head": "cpu"})
+
+
+def test_loaded_models_take_single_device_only(tiny_processor):
+    zero_shot = make_clip(0)
+    fine_tuned = make_clip(1, base=zero_shot, noise=0.3)
+    kwargs = dict(class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor)
+    model = DaWinCLIPModel.from_pretrained_pair(zero_shot, fine_tuned, device_map={"": "cpu"}, **kwargs)
+    assert model.fine_tuned_head.weight.device.type == "cpu"
+    with pytest.raises(ValueError, match="zero-shot endpoint, which was passed in as a loaded model"):
+        DaWinCLIPModel.from_pretrained_pair(zero_shot, fine_tuned, device_map="auto", **kwargs)
+
+
+def test_too_small_max_memory_names_sizes(tiny_pair_dirs):
+    with pytest.raises(ValueError, match="does not fit") as error:
+        _pair(tiny_pair_dirs, device_map="auto", max_memory={"cpu": "10KB"})
+    message = str(error.value)
+    assert "zero-shot endpoint" in message
+    assert "max_memory: cpu: 10KB" in message
+    size = sum(tensor.numel() * tensor.element_size() for tensor in make_clip(0).state_dict().values())
+    assert f"needs {size / 1024:.1f} KiB" in message
+    assert "offloaded to disk" in message
+
+
+def test_saved_model_loads_with_device_map(tiny_model, tmp_path, images):
+    tiny_model.save_pretrained(tmp_path / "dawin")
+    expected = _logits(tiny_model, images)
+    for device_map in ("auto", "cpu", {"zero_shot": "cpu", "fine_tuned": "cpu", "zero_shot_head": "cpu",
+                                       "fine_tuned_head": "cpu"}):
+        loaded = DaWinCLIPModel.from_pretrained(tmp_path / "dawin", device_map=device_map)
+        for mode, logits in _logits(loaded, images).items():
+            torch.testing.assert_close(logits, expected[mode], msg=f"{device_map}: {mode}")
+    with pytest.raises(ValueError, match=r"DaWin model does not fit.*max_memory: cpu: 1000 B"):
+        DaWinCLIPModel.from_pretrained(tmp_path / "dawin", device_map="auto", max_memory={"cpu": 1000})
+
+
+def test_no_split_modules_declared():
+    assert "CLIPEncoderLayer" in DaWinCLIPModel._no_split_modules
+    assert "CLIPVisionEmbeddings" in DaWinCLIPModel._no_split_modules
+
+
+# dispatch_model needs the root parameter logit_scale in the map, then warns that it names no submodule.
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match any submodules")
+def test_accelerate_hooks_do_not_bypass_mixing(tiny_model, images):
+    """Hooked layers (as placed by a multi-device map) must run the mixed copy, not the original layers."""
+    expected = _logits(tiny_model, images)
+    coefficients = torch.linspace(0.1, 0.9, images.shape[0])
+    with torch.inference_mode():
+        expected_sample = tiny_model.interpolated_logits(images, coefficients)
+    layer_map = {"vision_model.embeddings": "cpu", "vision_model.pre_layrnorm": "cpu", "vision_model.encoder": "cpu",
+                 "vision_model.post_layernorm": "cpu", "visual_projection": "cpu", "text_model": "cpu",
+                 "text_projection": "cpu", "logit_scale": "cpu"}
+    for endpoint in (tiny_model.zero_shot, tiny_model.fine_tuned):
+        dispatch_model(endpoint, device_map=layer_map, force_hooks=True)
+    assert hasattr(tiny_model.zero_shot.vision_model.encoder, "_hf_hook")
+    tiny_model.clear_merged_cache()
+    with torch.inference_mode():
+        hooked_sample = tiny_model.interpolated_logits(images, coefficients)
+        zero_shot_logits = tiny_model.endpoint_logits(images)[0]
+    torch.testing.assert_close(hooked_sample, expected_sample)
+    assert not torch.allclose(hooked_sample, zero_shot_logits)
+    for mode, logits in _logits(tiny_model, images).items():
+        torch.testing.assert_close(logits, expected[mode], msg=mode)

@@ -1,0 +1,178 @@
+"""Reduced-precision endpoints: float32 coefficients, agreement with float32, and unsupported dtypes."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_dawin import DaWinCLIPModel
+from hf_dawin import placement
+from hf_dawin.interpolation import build_merged_module, merge_task_vectors
+from hf_dawin.placement import check_dtype_supported, resolve_dtype
+
+from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_clip
+
+
+# bfloat16 keeps 8 significant bits, so each logit carries a relative error of a few 2^-8 after a few layers.
+# The coefficient is sigmoid(H_0 - H_1), whose slope is at most 1/4, so an entropy error of 0.04 nats moves it
+# by at most 0.01.
+COEFFICIENT_TOLERANCE = 0.01
+RELATIVE_LOGIT_TOLERANCE = 0.05
+
+
+@pytest.fixture()
+def images():
+    return torch.randn(16, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture()
+def bf16_model(tiny_pair_dirs):
+    return DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+        dtype=torch.bfloat16,
+    )
+
+
+@pytest.fixture()
+def fresh_checks(monkeypatch):
+    """Forget which (dtype, device) pairs passed, so that each test runs the check again."""
+    monkeypatch.setattr(placement, "_VERIFIED", set())
+
+
+def _assert_logits_close(actual, expected):
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= RELATIVE_LOGIT_TOLERANCE * scale
+
+
+def test_bf16_endpoints_keep_float32_outputs(bf16_model, images):
+    for parameter in [*bf16_model.zero_shot.parameters(), *bf16_model.fine_tuned_head.parameters()]:
+        assert parameter.dtype == torch.bfloat16
+    with torch.inference_mode():
+        outputs = bf16_model(pixel_values=images, mode="sample")
+    assert outputs.logits.dtype == torch.float32
+    assert outputs.coefficients.dtype == torch.float32
+    assert outputs.zero_shot_entropy.dtype == torch.float32
+    assert outputs.fine_tuned_entropy.dtype == torch.float32
+    assert outputs.zero_shot_logits.dtype == torch.float32
+
+
+def test_bf16_coefficients_match_float32(tiny_model, bf16_model, images):
+    with torch.inference_mode():
+        full = tiny_model(pixel_values=images, mode="sample")
+        reduced = bf16_model(pixel_values=images, mode="sample")
+    difference = (full.coefficients - reduced.coefficients).abs().max().item()
+    assert difference <= COEFFICIENT_TOLERANCE
+    _assert_logits_close(reduced.logits, full.logits)
+    _assert_logits_close(reduced.zero_shot_logits, full.zero_shot_logits)
+
+
+def test_bf16_sample_mode_matches_bf16_merges(bf16_model, images):
+    coefficients = torch.linspace(0.0, 1.0, images.shape[0])
+    with torch.inference_mode():
+        mixed = bf16_model.interpolated_logits(images, coefficients)
+        for index, alpha in enumerate(coefficients.tolist()):
+            merged = bf16_model.static_logits(images[index : index + 1], alpha)
+            _assert_logits_close(mixed[index : index + 1], merged)
+
+
+def test_model_to_bf16_runs_every_mode(tiny_model, images):
+    model = tiny_model.to(torch.bfloat16)
+    assert model.zero_shot.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        coefficients = model(pixel_values=images, mode="sample").coefficients
+        model.fit_mixture(coefficients)
+        for mode in ("sample", "mixture", "static", "zero_shot", "fine_tuned", "output_ensemble"):
+            outputs = model(pixel_values=images, mode=mode)
+            assert outputs.logits.dtype == torch.float32, mode
+            assert bool(torch.isfinite(outputs.logits).all()), mode
+
+
+def test_dtype_name_casts_loaded_models(tiny_processor):
+    zero_shot = make_clip(0)
+    fine_tuned = make_clip(1, base=zero_shot, noise=0.3)
+    model = DaWinCLIPModel.from_pretrained_pair(
+        zero_shot, fine_tuned, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor,
+        dtype="bfloat16",
+    )
+    assert model.fine_tuned.text_projection.weight.dtype == torch.bfloat16
+    assert model.zero_shot_head.weight.dtype == torch.bfloat16
+
+
+def test_resolve_dtype_rejects_integers():
+    assert resolve_dtype("torch.float16") == torch.float16
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="received torch.int64"):
+        resolve_dtype(torch.int64)
+
+
+def test_unsupported_cpu_dtype_raises_clearly(tiny_pair_dirs, fresh_checks, monkeypatch):
+    def failing_probe(dtype, device):
+        raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+
+    monkeypatch.setattr(placement, "_probe", failing_probe)
+    with pytest.raises(ValueError, match=r"dtype float16 is not supported on cpu") as error:
+        DaWinCLIPModel.from_pretrained_pair(
+            tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+            dtype=torch.float16,
+        )
+    assert "zero-shot endpoint" in str(error.value)
+    assert "dtype=torch.bfloat16" in str(error.value)
+
+
+def test_forward_checks_dtype_after_to(tiny_model, images, fresh_checks, monkeypatch):
+    model = tiny_model.to(torch.float16)
+
+    def failing_probe(dtype, device):
+        raise RuntimeError("not implemented for 'Half'")
+
+    monkeypatch.setattr(placement, "_probe", failing_probe)
+    with pytest.raises(ValueError, match="dtype float16 is not supported on cpu"):
+        model(pixel_values=images, mode="zero_shot")
+
+
+def test_cuda_without_bf16_rejected(fresh_checks, monkeypatch):
+    probed = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(placement, "_probe", lambda dtype, device: probed.append((dtype, device)))
+    with pytest.raises(ValueError, match=r"bfloat16 was requested on cuda:1.*compute capability 8\.0"):
+        check_dtype_supported(torch.bfloat16, "cuda:1")
+    assert probed == []
+    # float16 on the same GPU goes on to the operator probe.
+    assert check_dtype_supported(torch.float16, "cuda:1") == torch.float16
+    assert probed == [(torch.float16, torch.device("cuda", 1))]
+
+
+def test_supported_pair_probed_once(fresh_checks, monkeypatch):
+    calls = []
+    monkeypatch.setattr(placement, "_probe", lambda dtype, device: calls.append(dtype))
+    for _ in range(3):
+        check_dtype_supported(torch.bfloat16, "cpu")
+    check_dtype_supported(torch.float32, "cpu")
+    assert calls == [torch.bfloat16]
+
+
+def test_real_probe_passes_bf16_on_cpu(fresh_checks):
+    assert check_dtype_supported("bfloat16", "cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_module_equals_state_dict_merge(dtype):
+    zero_shot = make_clip(0).to(dtype)
+    fine_tuned = make_clip(1, base=make_clip(0), noise=0.3).to(dtype)
+    merged = build_merged_module(zero_shot, [fine_tuned], [0.3])
+    expected = merge_task_vectors(zero_shot.state_dict(), [fine_tuned.state_dict()], [0.3])
+    state = merged.state_dict()
+    assert sorted(state) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(state[key], tensor), key
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(merged.parameters(), zero_shot.parameters()))
+
+
+def test_merged_module_rejects_non_finite():
+    zero_shot = torch.nn.Linear(2, 2)
+    fine_tuned = copy.deepcopy(zero_shot)
+    with torch.no_grad():
+        fine_tuned.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match="parameter 'bias'"):
+        build_merged_module(zero_shot, [fine_tuned], [0.5])
