@@ -218,7 +218,7 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
 
 @pytest.mark.parametrize(
     ("class_names", "message"),
-    [([], "class_names is empty"), (["cat", "dog", "cat"], "duplicates: \\['cat'\\]"), (["cat", " "], "non-empty")],
+    [([], "class_names is empty"), (["cat", "dog", "cat"], "contains duplicates: \\['cat'\\]"), (["cat", " "], "non-empty")],
 )
 def test_bad_class_names(tiny_endpoints, tiny_processor, class_names, message):
     with pytest.raises(ValueError, match=message):

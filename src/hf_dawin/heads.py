@@ -38,7 +38,7 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     """Validate class names and return them as a list.
 
     Raises:
-        ValueError: If the list is empty, holds a non-string or blank entry, or holds duplicates (listed).
+        ValueError: If the list is empty, contains a non-string or blank entry, or contains duplicates (listed).
         TypeError: If `class_names` is a single string instead of a sequence.
     """
     if isinstance(class_names, str):
@@ -56,7 +56,7 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     duplicates = sorted({name for name in names if name in seen or seen.add(name)})
     if duplicates:
         raise ValueError(
-            f"class_names holds duplicates: {duplicates}. Each class needs a distinct name, since the head has "
+            f"class_names contains duplicates: {duplicates}. Each class needs a distinct name, since the head has "
             "one row per name."
         )
     return names

@@ -703,8 +703,12 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         zero_shot_logits = fine_tuned_logits = zero_shot_entropy = fine_tuned_entropy = components = None
         if mode in ("zero_shot", "fine_tuned", "static"):
             # Fixed weights: no endpoint scoring is needed.
-            weight = {"zero_shot": 0.0, "fine_tuned": 1.0}.get(mode)
-            weight = weight if weight is not None else check_alpha(alpha if alpha is not None else self.config.alpha)
+            if mode == "zero_shot":
+                weight = 0.0
+            elif mode == "fine_tuned":
+                weight = 1.0
+            else:
+                weight = check_alpha(self.config.alpha if alpha is None else alpha)
             if mode == "fine_tuned":
                 logits = _run_on_own_device(self.endpoint_classifiers()[1], pixel_values).float().to(pixel_values.device)
             else:
