@@ -26,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .evaluation import EvaluationSet
-from .label_spaces import LabelSpaceProjection
+from .evaluation import EvaluationSet, _ordered, _project
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
 
@@ -94,31 +93,6 @@ class TaskPredictions:
     method_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _project(projection: LabelSpaceProjection | None, logits: torch.Tensor) -> torch.Tensor:
-    return logits if projection is None else projection.project(logits)
-
-
-def _in_example_order(
-    chunks: list[torch.Tensor], index_chunks: list[torch.Tensor], expected: torch.Tensor | None, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate per-batch results sorted by example position; return them with the sorted positions.
-
-    With `expected` (the positions read by the endpoint pass), a later pass must return exactly those examples,
-    so that no method is scored on a different subset of the set.
-    """
-    positions = torch.cat(index_chunks).long()
-    order = torch.argsort(positions)
-    sorted_positions = positions[order]
-    repeated = bool((sorted_positions[1:] == sorted_positions[:-1]).any())
-    if repeated or (expected is not None and not torch.equal(sorted_positions, expected)):
-        raise RuntimeError(
-            f"A pass over set '{name}' returned examples {sorted_positions.tolist()[:10]}... that do not match the "
-            f"{len(expected) if expected is not None else len(positions)} examples of its endpoint pass (some are "
-            "missing or repeated), so no result is written for this set."
-        )
-    return torch.cat(chunks)[order], sorted_positions
-
-
 @torch.inference_mode()
 def _run_pass(evaluation_set: EvaluationSet, expected: torch.Tensor, description: str, classify, progress: bool):
     """Run `classify(pixel_values, rows)` over a set; `rows` index the endpoint pass's examples `expected`.
@@ -135,7 +109,7 @@ def _run_pass(evaluation_set: EvaluationSet, expected: torch.Tensor, description
         index_chunks.append(indices)
         bar.update(len(indices))
     bar.close()
-    return _in_example_order(chunks, index_chunks, expected, evaluation_set.name)[0]
+    return _ordered(chunks, index_chunks, expected, evaluation_set.name)[0]
 
 
 def _method_label(method: str) -> str:
@@ -179,11 +153,11 @@ def collect_task_predictions(
     if not index_chunks:
         raise ValueError(f"The evaluation set of task '{task}' yielded no readable images.")
 
-    pretrained_logits, read_positions = _in_example_order(pretrained_chunks, index_chunks, None, evaluation_set.name)
+    pretrained_logits, read_positions = _ordered(pretrained_chunks, index_chunks, None, evaluation_set.name)
     predictions = TaskPredictions(
         pretrained_logits=pretrained_logits,
-        fine_tuned_logits=_in_example_order(fine_tuned_chunks, index_chunks, read_positions, evaluation_set.name)[0],
-        labels=_in_example_order(label_chunks, index_chunks, read_positions, evaluation_set.name)[0],
+        fine_tuned_logits=_ordered(fine_tuned_chunks, index_chunks, read_positions, evaluation_set.name)[0],
+        labels=_ordered(label_chunks, index_chunks, read_positions, evaluation_set.name)[0],
         indices=read_positions,
     )
     num_classes = predictions.pretrained_logits.shape[1]
