@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_dawin.distributed import DistributedState, RankFailedError, shard_batch_positions
+from hf_dawin.distributed import DistributedState, RankFailedError, dataset_shard_batches, get_distributed_state
 from hf_dawin.evaluation import EvaluationSet, EvaluationSettings, evaluate_pair
 
 from .test_evaluation import _image_dataset
@@ -143,13 +143,33 @@ def test_failed_rank_fails_run_without_results(evaluate_arguments, tmp_path):
     assert not output.exists() or not any(output.iterdir())
 
 
-def test_shard_batch_positions_cover_every_batch():
-    for num_batches in (0, 1, 5, 8):
-        for world_size in (1, 2, 3):
-            shards = [shard_batch_positions(num_batches, rank, world_size) for rank in range(world_size)]
-            covered = [position for shard in shards for position in shard]
-            assert covered == list(range(num_batches))
-            assert max(len(shard) for shard in shards) - min(len(shard) for shard in shards) <= 1
+class _SecondHalf:
+    """A stand-in state whose `split` keeps the second half of the items, as rank 1 of 2 would."""
+
+    def split(self, items):
+        return items[(len(items) + 1) // 2 :]
+
+
+def test_dataset_shard_batches_reads_only_the_block_of_this_process():
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"value": list(range(11))})
+    read = []
+
+    def make_batches(subset):
+        read.extend(subset["value"])
+        for start in range(0, len(subset), 3):
+            rows = list(range(start, min(start + 3, len(subset))))
+            yield torch.tensor(rows, dtype=torch.float), torch.zeros(len(rows)), torch.tensor(rows)
+
+    shards = dataset_shard_batches(make_batches, dataset, batch_size=3)
+    batches = list(shards(_SecondHalf()))
+    # 4 batches of 3 (the last one short); the second half is batches 2 and 3, rows 6 to 10.
+    assert read == [6, 7, 8, 9, 10]
+    assert [batch[2].tolist() for batch in batches] == [[6, 7, 8], [9, 10]]
+    assert shards.num_examples(_SecondHalf()) == 5
+    empty = dataset_shard_batches(make_batches, dataset.select([]), batch_size=3)
+    assert list(empty(_SecondHalf())) == [] and empty.num_examples(_SecondHalf()) == 0
 
 
 def test_single_process_state_is_transparent():
@@ -193,6 +213,9 @@ def _gloo_worker(rank: int, port: int, pair_dirs, pixel_values, labels, output_d
         )
         settings = EvaluationSettings(alphas=(0.3,), progress=False)
         record = {"results": evaluate_pair(model, _tensor_sets(pixel_values, labels), settings)}
+        state = get_distributed_state()
+        record["world_size"] = state.world_size
+        record["split"] = list(state.split(range(5)))
         record["results"].pop("coefficients")
         try:
             evaluate_pair(model, _tensor_sets(pixel_values, labels, failing_rank=1), settings)
@@ -240,6 +263,8 @@ def test_evaluate_pair_in_gloo_group(tiny_pair_dirs, tmp_path):
     for rank in range(2):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["results"] == json.loads(json.dumps(expected, sort_keys=True))
+        assert record["world_size"] == 2
+        assert record["split"] == [[0, 1, 2], [3, 4]][rank]
         assert record["error"]["type"] == "RankFailedError"
         assert record["error"]["failures"] == {"1": "ValueError: simulated failure in set id"}
         assert "failed on rank 1 during the endpoint pass over set 'id'" in record["error"]["message"]

@@ -1,13 +1,16 @@
-"""Multi-process evaluation: shard the batches of a set across ranks and gather per-sample results.
+"""Multi-process evaluation through Accelerate: split the batches of a set across processes and gather results.
 
 Launch `hf-dawin evaluate` with `accelerate launch --num_processes N -m hf_dawin.cli evaluate ...` or
-`torchrun --nproc_per_node N -m hf_dawin.cli evaluate ...`. Each rank runs the model on its share of the
-batches. Per-sample logits, labels and example indices are gathered onto every rank and put back in example
-order, so every later step (entropies, the offset statistics, the Beta mixture, scores) reads the same arrays
-as in a single-process run. Set-level fits run on the main process and are broadcast as JSON, never pickled.
+`torchrun --nproc_per_node N -m hf_dawin.cli evaluate ...`. An `accelerate.Accelerator` sets up the process
+group (gloo on CPU, NCCL on GPUs). Each set's batches are split into contiguous blocks with
+`Accelerator.split_between_processes`, so every batch is the same as in a single-process run whichever process
+runs it. Per-sample logits, labels and example indices are padded with `pad_across_processes`, gathered with
+`gather_for_metrics` and put back in example order, so every later step (entropies, the offset statistics, the
+Beta mixture, scores) reads the same arrays as in a single-process run. Set-level fits run on the main process
+and are broadcast as JSON, never pickled.
 
-A rank that raises reports the error to all ranks at the next synchronisation point, and every rank then
-raises a `RuntimeError` naming the failed rank, so no process waits forever and no partial result is
+A process that raises reports the error to all processes at the next synchronisation point, and every process
+then raises a `RankFailedError` naming the failed rank, so no process waits forever and no partial result is
 written.
 """
 
@@ -16,29 +19,36 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "DatasetShards",
     "DistributedState",
     "RankFailedError",
     "dataset_shard_batches",
     "get_distributed_state",
-    "shard_batch_positions",
 ]
 
 # Bytes of each rank's error message shared with the other ranks.
 _MESSAGE_BYTES = 2048
+# Gathered alongside the caller's tensors: 1 for a real row, 0 for the padding that evens out the row counts.
+_PRESENT = "__present__"
 
 T = TypeVar("T")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RankFailedError(RuntimeError):
@@ -54,30 +64,29 @@ class RankFailedError(RuntimeError):
         )
 
 
-def shard_batch_positions(num_batches: int, rank: int, world_size: int) -> range:
-    """Return the positions of the batches that `rank` runs: a contiguous block, at most one more than others.
-
-    Contiguous blocks keep the batch boundaries of a single-process run, so each batch (and its numerics) is
-    the same whichever process runs it.
-    """
-    per_rank, remainder = divmod(num_batches, world_size)
-    start = rank * per_rank + min(rank, remainder)
-    return range(start, start + per_rank + (1 if rank < remainder else 0))
-
-
 @dataclass(frozen=True)
 class DistributedState:
-    """Rank, world size and collectives of an evaluation; a world size of 1 makes every collective a no-op.
+    """The processes of an evaluation and their collectives; without an accelerator every collective is a no-op.
 
     Attributes:
-        rank (`int`): This process's rank, 0 on the main process.
-        world_size (`int`): Number of processes.
-        device (`torch.device`): Device used for collectives (the process's GPU with NCCL, else CPU).
+        accelerator (`accelerate.Accelerator`, *optional*): The accelerator of a multi-process launch. `None`
+            for a single process.
     """
 
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    accelerator: Accelerator | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        """Device of this process's collectives and model: its GPU under NCCL, else the CPU."""
+        return torch.device("cpu") if self.accelerator is None else self.accelerator.device
 
     @property
     def is_main_process(self) -> bool:
@@ -88,15 +97,25 @@ class DistributedState:
         return self.world_size > 1
 
     # ------------------------------------------------------------------------------------------------------
-    # Sharding
+    # Splitting the data
     # ------------------------------------------------------------------------------------------------------
+
+    def split(self, items: Sequence[T]) -> Sequence[T]:
+        """Return this process's contiguous block of `items`; earlier processes get one more when they do not divide.
+
+        Uses `Accelerator.split_between_processes` without padding, so every item goes to exactly one process.
+        """
+        if not self.is_distributed:
+            return items
+        with self.accelerator.split_between_processes(list(items)) as local:
+            return local
 
     def local_batches(self, batches: Iterable[T]) -> Iterator[T]:
         """Yield every `world_size`-th batch of an iterable of all batches of a set, starting at `rank`.
 
-        Each batch is the same as in a single-process run, whichever rank runs it. Every rank still reads
-        every batch, so sets that can read a shard directly should provide their own sharding instead (see
-        `EvaluationSet.shard_batches`).
+        The fallback for batch sources of unknown length. Each batch is the same as in a single-process run,
+        whichever rank runs it, but every rank still reads every batch, so sets that can read a block directly
+        should provide their own `shard_batches` (see `EvaluationSet.shard_batches` and `dataset_shard_batches`).
         """
         for position, batch in enumerate(batches):
             if position % self.world_size == self.rank:
@@ -106,17 +125,15 @@ class DistributedState:
     # Collectives
     # ------------------------------------------------------------------------------------------------------
 
-    def _all_gather(self, tensor: torch.Tensor, step: str) -> list[torch.Tensor]:
-        local = tensor.to(self.device).contiguous()
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+    def _collective(self, step: str, operation: Callable[[], T]) -> T:
+        """Run a collective, and raise an error naming `step` if another process has stopped."""
         try:
-            dist.all_gather(gathered, local)
-        except RuntimeError as error:
+            return operation()
+        except (RuntimeError, ValueError) as error:
             raise RuntimeError(
                 f"Rank {self.rank} lost contact with the other evaluation processes during {step}: {error}. "
                 "Another rank probably stopped; its log names the cause. No result was written for this run."
             ) from error
-        return [part.to(tensor.device) for part in gathered]
 
     def check_all_ranks(self, error: BaseException | None, step: str) -> None:
         """Share whether each rank failed; raise `RankFailedError` on every rank if any did.
@@ -131,11 +148,12 @@ class DistributedState:
             return
         text = "" if error is None else f"{type(error).__name__}: {error}"
         encoded = text.encode("utf-8")[: _MESSAGE_BYTES - 1]
-        buffer = torch.zeros(_MESSAGE_BYTES + 1, dtype=torch.uint8)
-        buffer[0] = 1 if error is not None else 0
-        buffer[1 : 1 + len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        buffer = torch.zeros(1, _MESSAGE_BYTES + 1, dtype=torch.uint8)
+        buffer[0, 0] = 1 if error is not None else 0
+        buffer[0, 1 : 1 + len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        gathered = self._collective(step, lambda: self.accelerator.gather(buffer.to(self.device))).cpu()
         failures = {}
-        for rank, part in enumerate(self._all_gather(buffer, step)):
+        for rank, part in enumerate(gathered):
             if int(part[0]):
                 failures[rank] = bytes(part[1:].tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
         if failures:
@@ -160,7 +178,9 @@ class DistributedState:
     def gather_rows(self, tensors: dict[str, torch.Tensor], step: str) -> dict[str, torch.Tensor]:
         """Concatenate each tensor's rows from all ranks, in rank order; returns the same on every rank.
 
-        Ranks may hold different numbers of rows (zero included); the trailing dimensions and dtypes must agree.
+        Ranks may hold different numbers of rows (zero included): the rows are padded to the largest count with
+        `pad_across_processes`, gathered with `gather_for_metrics`, and the padding is dropped. The trailing
+        dimensions and dtypes must agree across ranks.
 
         Args:
             tensors (`dict[str, torch.Tensor]`): Tensors of shape `(num_local_rows, ...)` with equal row counts.
@@ -174,37 +194,33 @@ class DistributedState:
         counts = {tensor.shape[0] for tensor in tensors.values()}
         if len(counts) != 1:
             raise ValueError(f"Expected the same number of rows in every tensor gathered in {step}, received {counts}.")
-        local_rows = counts.pop()
-        rows = [int(part) for part in self._all_gather(torch.tensor([local_rows], dtype=torch.long), step)]
-        gathered = {}
-        for name, tensor in tensors.items():
-            padded = torch.zeros((max(rows),) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
-            padded[:local_rows] = tensor.cpu()
-            parts = self._all_gather(padded, step)
-            gathered[name] = torch.cat([part[:count] for part, count in zip(parts, rows)]).cpu()
-        return gathered
+        local = {name: tensor.to(self.device).contiguous() for name, tensor in tensors.items()}
+        local[_PRESENT] = torch.ones(counts.pop(), dtype=torch.uint8, device=self.device)
+
+        def gather():
+            padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=0)
+            return self.accelerator.gather_for_metrics(padded)
+
+        gathered = self._collective(step, gather)
+        present = gathered.pop(_PRESENT).bool().cpu()
+        return {name: tensor.cpu()[present] for name, tensor in gathered.items()}
 
     def broadcast_json(self, value, step: str):
         """Send a JSON-serialisable value from the main process to every rank and return it there."""
         if not self.is_distributed:
             return value
-        if self.is_main_process:
-            encoded = json.dumps(value).encode("utf-8")
-        else:
-            encoded = b""
-        length = torch.tensor([len(encoded)], dtype=torch.long).to(self.device)
-        try:
-            dist.broadcast(length, src=0)
+        from accelerate.utils import broadcast
+
+        encoded = json.dumps(value).encode("utf-8") if self.is_main_process else b""
+
+        def send() -> bytes:
+            length = broadcast(torch.tensor([len(encoded)], dtype=torch.long, device=self.device), from_process=0)
             buffer = torch.zeros(int(length.item()), dtype=torch.uint8)
             if self.is_main_process:
                 buffer[:] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-            buffer = buffer.to(self.device)
-            dist.broadcast(buffer, src=0)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"Rank {self.rank} lost contact with the other evaluation processes during {step}: {error}."
-            ) from error
-        return json.loads(bytes(buffer.cpu().tolist()).decode("utf-8"))
+            return bytes(broadcast(buffer.to(self.device), from_process=0).cpu().tolist())
+
+        return json.loads(self._collective(step, send).decode("utf-8"))
 
     def main_process_first(self, step: str, function: Callable[[], T]) -> T:
         """Run `function` on the main process, then on the other ranks; for steps that fill a shared cache.
@@ -230,19 +246,44 @@ class DistributedState:
 
     def barrier(self) -> None:
         if self.is_distributed:
-            dist.barrier()
+            self.accelerator.wait_for_everyone()
+
+
+class DatasetShards:
+    """The `shard_batches` of an evaluation set read from a `datasets.Dataset` (see `dataset_shard_batches`)."""
+
+    def __init__(self, make_batches: Callable[[object], Iterable[Batch]], dataset, batch_size: int):
+        self.make_batches = make_batches
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def rows(self, state: DistributedState) -> range:
+        """Return the rows of the dataset that `state`'s process reads: whole batches of a contiguous block."""
+        positions = state.split(range(math.ceil(len(self.dataset) / self.batch_size)))
+        if len(positions) == 0:
+            return range(0)
+        return range(positions[0] * self.batch_size, min((positions[-1] + 1) * self.batch_size, len(self.dataset)))
+
+    def num_examples(self, state: DistributedState) -> int:
+        """Count the examples that `state`'s process reads, for its progress bar."""
+        return len(self.rows(state))
+
+    def __call__(self, state: DistributedState) -> Iterator[Batch]:
+        rows = self.rows(state)
+        if len(rows) == 0:
+            return
+        for pixel_values, labels, indices in self.make_batches(self.dataset.select(rows)):
+            yield pixel_values, labels, indices + rows.start
 
 
 def dataset_shard_batches(
-    make_batches: Callable[[object], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
-    dataset,
-    batch_size: int,
-) -> Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    make_batches: Callable[[object], Iterable[Batch]], dataset, batch_size: int
+) -> DatasetShards:
     """Build the `shard_batches` of an evaluation set read from a `datasets.Dataset`.
 
-    Rank r reads only its contiguous block of whole batches (see `shard_batch_positions`) through
-    `make_batches(dataset.select(rows))`, and the yielded indices are shifted back to rows of `dataset`. When no
-    image is skipped, the batches are exactly those of a single-process run.
+    The set's batch positions are split with `DistributedState.split`, and each process reads only its block of
+    whole batches through `make_batches(dataset.select(rows))`; the yielded indices are shifted back to rows of
+    `dataset`. When no image is skipped, the batches are exactly those of a single-process run.
 
     Args:
         make_batches (`Callable`): Yields `(pixel_values, labels, indices)` batches of `batch_size` images of the
@@ -251,43 +292,46 @@ def dataset_shard_batches(
         batch_size (`int`): Images per batch, the same as `make_batches` uses.
 
     Returns:
-        `Callable[[int, int], Iterator]`: `shard_batches(rank, world_size)`.
+        [`DatasetShards`]: Called as `shard_batches(state)`; `num_examples(state)` counts that process's examples.
     """
+    return DatasetShards(make_batches, dataset, batch_size)
 
-    def shard_batches(rank: int, world_size: int):
-        positions = shard_batch_positions(math.ceil(len(dataset) / batch_size), rank, world_size)
-        start = positions.start * batch_size
-        end = min(positions.stop * batch_size, len(dataset))
-        if start >= end:
-            return
-        for pixel_values, labels, indices in make_batches(dataset.select(range(start, end))):
-            yield pixel_values, labels, indices + start
 
-    return shard_batches
+def _describe_existing_group() -> None:
+    """Tell Accelerate about a process group that the caller initialised without a launcher.
+
+    Accelerate reads the launch from environment variables; a group set up with `dist.init_process_group` and an
+    explicit rank has none. Single-host values are filled in, and `OMP_NUM_THREADS` is set to the current thread
+    count so that Accelerate keeps it.
+    """
+    world_size = dist.get_world_size()
+    for name, value in (
+        ("RANK", dist.get_rank()),
+        ("WORLD_SIZE", world_size),
+        ("LOCAL_RANK", dist.get_rank()),
+        ("LOCAL_WORLD_SIZE", world_size),
+        ("OMP_NUM_THREADS", torch.get_num_threads()),
+    ):
+        os.environ.setdefault(name, str(value))
 
 
 def get_distributed_state() -> DistributedState:
-    """Return the state of the current launch, initialising the process group if the launcher did not.
+    """Return the state of the current launch; a multi-process launch gets an `accelerate.Accelerator`.
 
-    A single process (no `WORLD_SIZE` above 1 and no initialised process group) gets rank 0 of 1 without any
-    process group. Under `accelerate launch` or `torchrun`, Accelerate's `PartialState` initialises the group
-    (NCCL on GPUs). Accelerate 1.16 leaves a `torchrun` launch on CPU without one, so a gloo group is then
-    initialised from the launcher's environment variables.
+    A single process (no `WORLD_SIZE` above 1 and no initialised process group) gets rank 0 of 1 and no
+    accelerator. Under `accelerate launch` or `torchrun`, or in a process group the caller initialised, an
+    `Accelerator` joins (or sets up) the group: NCCL when CUDA is available, else gloo on the CPU.
+
+    NOTE: only the gloo path has been run (the tests launch two CPU processes); NCCL on GPUs is untested.
     """
     initialised = dist.is_available() and dist.is_initialized()
     if not initialised and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistributedState()
-    device = torch.device("cpu")
-    if not initialised:
-        from accelerate import PartialState
+    if initialised:
+        _describe_existing_group()
+    from accelerate import Accelerator
 
-        state = PartialState()
-        if state.device.type == "cuda":
-            device = state.device
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
-    elif dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    if dist.get_world_size() <= 1:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes <= 1:
         return DistributedState()
-    return DistributedState(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return DistributedState(accelerator=accelerator)

@@ -79,9 +79,10 @@ class EvaluationSet:
         num_examples (`int`): Number of examples in the set.
         in_distribution (`bool`): Whether this is the in-distribution (ID) set; others count as OOD.
         projection ([`LabelSpaceProjection`], *optional*): Maps model logits to the set's label space.
-        shard_batches (`Callable[[int, int], Iterable[Batch]]`, *optional*): Called as `shard_batches(rank,
-            world_size)` in multi-process runs; yields only that rank's batches, with indices into the whole
-            set. Without it every rank reads all batches and keeps every `world_size`-th one.
+        shard_batches (`Callable[[DistributedState], Iterable[Batch]]`, *optional*): Called as
+            `shard_batches(state)` in multi-process runs; yields only this process's batches, with indices into
+            the whole set (see `dataset_shard_batches`); a `num_examples(state)` method, when present, sizes the
+            progress bar. Without it every process reads all batches and keeps every `world_size`-th one.
     """
 
     name: str
@@ -89,7 +90,7 @@ class EvaluationSet:
     num_examples: int
     in_distribution: bool = False
     projection: LabelSpaceProjection | None = None
-    shard_batches: Callable[[int, int], Iterable[Batch]] | None = None
+    shard_batches: Callable[[DistributedState], Iterable[Batch]] | None = None
 
 
 @dataclass
@@ -137,13 +138,16 @@ def _local_batches(evaluation_set: EvaluationSet, state: DistributedState) -> It
     if not state.is_distributed:
         return evaluation_set.batches()
     if evaluation_set.shard_batches is not None:
-        return evaluation_set.shard_batches(state.rank, state.world_size)
+        return evaluation_set.shard_batches(state)
     return state.local_batches(evaluation_set.batches())
 
 
 def _progress_bar(evaluation_set: EvaluationSet, description: str, progress: bool, state: DistributedState) -> tqdm:
     """A progress bar on the main process only; in multi-process runs it counts the main process's share."""
-    total = math.ceil(evaluation_set.num_examples / state.world_size)
+    total = evaluation_set.num_examples
+    if state.is_distributed:
+        count = getattr(evaluation_set.shard_batches, "num_examples", None)
+        total = count(state) if count is not None else math.ceil(total / state.world_size)
     suffix = f" (rank 0 of {state.world_size})" if state.is_distributed else ""
     return tqdm(
         total=total,

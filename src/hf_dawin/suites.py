@@ -20,6 +20,7 @@ import datasets
 from transformers.utils import logging
 
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset, restrict_to_classes
+from .distributed import dataset_shard_batches
 from .evaluation import EvaluationSet
 from .label_spaces import (
     NUM_IMAGENET_CLASSES,
@@ -270,16 +271,16 @@ def build_evaluation_set(
     """Wrap a dataset as an [`EvaluationSet`] whose batches skip unreadable images.
 
     Labels are checked against the set's label space (the projection's classes, else the model's) before any
-    image is read. Each pass logs how many images it skipped, and the evaluation reports them as `num_skipped`.
+    image is read. In a multi-process run each process reads only its block of batches. Each pass logs how many images it skipped, and the evaluation reports them as `num_skipped`.
 
     Raises:
         ValueError: If a column is missing (the dataset's columns are listed) or a label is out of range.
     """
     num_classes = projection.num_classes if projection is not None else num_model_classes
 
-    def batches():
+    def make_batches(subset: datasets.Dataset):
         return iter_image_batches(
-            dataset,
+            subset,
             image_processor,
             batch_size,
             image_column=image_column,
@@ -288,9 +289,14 @@ def build_evaluation_set(
         )
 
     # Check columns and labels now, so a bad dataset fails before the first endpoint pass.
-    batches().close()
+    make_batches(dataset).close()
     return EvaluationSet(
-        name=name, batches=batches, num_examples=len(dataset), in_distribution=in_distribution, projection=projection
+        name=name,
+        batches=lambda: make_batches(dataset),
+        num_examples=len(dataset),
+        in_distribution=in_distribution,
+        projection=projection,
+        shard_batches=dataset_shard_batches(make_batches, dataset, batch_size),
     )
 
 
