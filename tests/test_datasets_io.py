@@ -503,6 +503,17 @@ def test_batcher_reiteration_resets_record(messy_folder, tmp_path, processor):
     assert len(batcher.skipped) == 2
 
 
+def test_repeated_pass_reports_skips_once(messy_folder, tmp_path, processor, caplog):
+    batcher = ImageBatcher(_load_folder(messy_folder, tmp_path), processor, batch_size=4)
+
+    with caplog.at_level(logging.WARNING, logger="hf_dawin.datasets_io"):
+        for _ in range(3):
+            list(batcher)
+
+    assert caplog.text.count("Skipped 2 of 9 images that could not be decoded") == 1
+    assert len(batcher.skipped) == 2
+
+
 def test_early_stop_still_reports(processor, caplog):
     bad = b"\x89PNG broken"
     dataset = _bytes_dataset([bad] + [_png_bytes(_noise((8, 8), seed)) for seed in range(4)], [0, 1, 0, 1, 0])

@@ -474,9 +474,10 @@ def _generate_batches(
         if images:
             yield make_batch(images, labels, indices)
     finally:
-        # Runs at the end of the data and when the caller stops early, so no skip goes unreported.
+        # Runs at the end of the data and when the caller stops early, so no skip goes unreported. An evaluation
+        # reads each set once per method, so the same summary is logged only the first time.
         if skipped.entries:
-            logger.warning(skipped.summary())
+            logger.warning_once(skipped.summary())
 
 
 def iter_image_batches(
@@ -494,7 +495,7 @@ def iter_image_batches(
 
     Every batch contains `batch_size` decoded images except the last. A row whose image raises one of
     `IMAGE_DECODING_ERRORS` is skipped and added to `skipped`. When the iteration ends or is
-    closed, one warning reports the count. Columns and labels are checked when this function is
+    closed, one warning reports the count, unless an earlier pass already logged the same summary. Columns and labels are checked when this function is
     called, before any image is read.
 
     Args:

@@ -271,7 +271,8 @@ def build_evaluation_set(
     """Wrap a dataset as an [`EvaluationSet`] whose batches skip unreadable images.
 
     Labels are checked against the set's label space (the projection's classes, else the model's) before any
-    image is read. In a multi-process run each process reads only its block of batches. Each pass logs how many images it skipped, and the evaluation reports them as `num_skipped`.
+    image is read. In a multi-process run each process reads only its block of batches. The first pass logs how
+    many images it skipped, and the evaluation reports them as `num_skipped`.
 
     Raises:
         ValueError: If a column is missing (the dataset's columns are listed) or a label is out of range.
