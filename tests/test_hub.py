@@ -6,6 +6,7 @@ endpoints that `create_repo`, `create_commit` (YAML validation, preupload, commi
 
 import base64
 import hashlib
+import io
 import json
 import re
 import socket
@@ -264,6 +265,31 @@ def test_push_uploads_everything_in_one_commit(fake_hub, hub_model, results, tmp
     pixel_values = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, hub_model(pixel_values=pixel_values).logits)
+
+
+def test_pipeline_loads_pushed_repo_and_url(fake_hub, hub_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    push_dawin_to_hub(hub_model, "my-org/tiny-dawin")
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    fake_hub.repos["my-org/images"] = {"cat.png": encoded.getvalue()}
+
+    classifier = pipeline("image-classification", model="my-org/tiny-dawin")
+    predictions = classifier(f"{fake_hub.endpoint}/my-org/images/resolve/main/cat.png", top_k=len(TINY_CLASS_NAMES))
+
+    downloaded = {path.split("/resolve/main/")[-1] for method, path in fake_hub.requests if "/tiny-dawin/resolve/" in path}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= downloaded
+    assert ("GET", "/my-org/images/resolve/main/cat.png") in fake_hub.requests
+    assert isinstance(classifier.model, DaWinCLIPModel)
+    assert classifier.model.config.mode == "mixture"
+    inputs = hub_model.image_processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        expected = hub_model(pixel_values=inputs["pixel_values"]).logits[0].softmax(-1)
+    scores = {prediction["label"]: prediction["score"] for prediction in predictions}
+    assert set(scores) == set(TINY_CLASS_NAMES)
+    for index, name in enumerate(TINY_CLASS_NAMES):
+        assert scores[name] == pytest.approx(float(expected[index]), abs=1e-5)
 
 
 def test_pushed_card_metadata(fake_hub, hub_model, results):
