@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .configuration_dawin import check_alpha
 from .evaluation import METHOD_LABELS, summarize
+from .saving import save_atomically
 
 
 logger = logging.get_logger(__name__)
@@ -752,7 +753,13 @@ def save_merged_components(
     folders = []
     for alpha, component in _component_alphas(model, alphas):
         folder = output_dir / f"alpha_{alpha:.4f}"
-        _save_merged(model, alpha, folder, repo_id=None, component=component)
+        # Written into a staging folder first, so an interrupted save leaves an earlier export intact.
+        save_atomically(
+            folder,
+            lambda staging, alpha=alpha, component=component: _save_merged(
+                model, alpha, staging, repo_id=None, component=component
+            ),
+        )
         logger.info("Saved the CLIP model merged at alpha %.4f to %s.", alpha, folder)
         folders.append(folder)
     return folders

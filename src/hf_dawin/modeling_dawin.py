@@ -39,6 +39,7 @@ from .interpolation import (
 )
 from .mixture import BetaMixture
 from .placement import check_dtype_supported, prepare_endpoint, resolve_dtype, split_device_map
+from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -316,6 +317,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save config, both endpoints, heads and the fitted mixture (safetensors), and the processor if any.
 
+        The files are written into a staging folder beside `save_directory` and then moved into it, so an
+        interrupted save leaves the files of an earlier save intact.
+
         The module files of this model are copied beside the weights and `config.json` gets an `auto_map`, so
         `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
         folder where hf_dawin is not installed.
@@ -326,15 +330,22 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
         self.config.auto_map = auto_map
-        super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
-            return
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        push = pop_push_arguments(save_directory, kwargs)
+        # Written into a staging folder first, so an interrupted save leaves an earlier save intact.
+        save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id"), **push)
+
+    def _write_files(self, folder: Path, *args, **kwargs) -> None:
+        super().save_pretrained(folder, *args, **kwargs)
         if self.processor is not None and self.processor is not self.image_processor:
-            self.processor.save_pretrained(save_directory)
+            self.processor.save_pretrained(folder)
         if self.image_processor is not None:
             # transformers 5 nests the image processor inside processor_config.json; a separate
             # preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder too.
-            self.image_processor.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

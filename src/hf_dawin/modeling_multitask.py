@@ -53,6 +53,7 @@ from .modeling_dawin import (
     _run_on_own_device,
     _try_load_processor,
 )
+from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates, validate_templates
 
 
@@ -434,15 +435,61 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
-        """Save config, all endpoints and heads (safetensors), and the processor if any."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        """Save config, all endpoints and heads (safetensors), and the processor if any.
+
+        The files are written into a staging folder beside `save_directory` and then moved into it, so an
+        interrupted save leaves the files of an earlier save intact.
+        """
         if not kwargs.get("is_main_process", True):
-            return
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        push = pop_push_arguments(save_directory, kwargs)
+        save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id"), **push)
+
+    def _write_files(self, folder: Path, *args, **kwargs) -> None:
+        super().save_pretrained(folder, *args, **kwargs)
         if self.processor is not None and self.processor is not self.image_processor:
-            self.processor.save_pretrained(save_directory)
+            self.processor.save_pretrained(folder)
         if self.image_processor is not None:
             # A separate preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder.
-            self.image_processor.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(folder)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        results: dict | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ):
+        """Upload the model, its processor and a multi-task DaWin model card to the Hub in one commit.
+
+        See [`hf_dawin.hub_multitask.push_multitask_to_hub`] for the arguments. `results`, the output of
+        `hf_dawin.evaluation_multitask.evaluate_multitask`, adds evaluation results to the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit.
+        """
+        from .hub_multitask import push_multitask_to_hub
+
+        return push_multitask_to_hub(
+            self,
+            repo_id,
+            results=results,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **kwargs,
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

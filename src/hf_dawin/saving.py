@@ -1,0 +1,81 @@
+"""Atomic folder saves: files are written into a staging folder beside the target, then moved into place.
+
+An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
+it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
+on one filesystem. This module uses the standard library only, because it is copied beside saved models as
+remote code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+__all__ = ["save_atomically"]
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(staging)` on an empty staging folder, then move what it wrote into `save_directory`.
+
+    Files of the target that `write` did not produce are kept, except weight files of an earlier save
+    (`model*.safetensors` and their index), which would otherwise mix shards of two saves. The staging folder is
+    created beside the target, on the same filesystem, and is removed in every case.
+
+    Args:
+        save_directory (`str` or `os.PathLike`): The folder to save into, created if missing.
+        write (`Callable[[Path], None]`): Writes the files, for example `lambda folder: model.save_pretrained(folder)`.
+
+    Returns:
+        `Path`: The target folder.
+
+    Raises:
+        NotADirectoryError: If `save_directory` is an existing file.
+    """
+    target = Path(save_directory).resolve()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"Cannot save into {target}, because it is a file. Pass a folder path.")
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        write(staging)
+        written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
+        for relative in written:
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / relative, destination)
+        new_names = {relative.as_posix() for relative in written}
+        for path in target.iterdir():
+            if path.is_file() and _is_weight_file(path.name) and path.name not in new_names:
+                path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# Keyword arguments of `PreTrainedModel.save_pretrained` that only matter with `push_to_hub=True`.
+_PUSH_KEYWORDS = ("repo_id", "commit_message", "commit_description", "private", "token", "create_pr", "revision")
+
+
+def pop_push_arguments(save_directory: str | os.PathLike, kwargs: dict) -> dict | None:
+    """Remove `push_to_hub` and its Hub arguments from `save_pretrained` keyword arguments.
+
+    A model that saves through a staging folder pushes after the save instead. The default repository name is
+    then the name of `save_directory`, as with `save_pretrained`, not that of the staging folder.
+
+    Returns:
+        `dict` or `None`: The `push_to_hub` arguments, `repo_id` included, or None when no push was requested.
+    """
+    push = kwargs.pop("push_to_hub", False)
+    arguments = {name: kwargs.pop(name) for name in _PUSH_KEYWORDS if name in kwargs}
+    if not push:
+        return None
+    arguments.setdefault("repo_id", Path(save_directory).resolve().name)
+    return arguments

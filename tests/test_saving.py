@@ -1,0 +1,95 @@
+"""Atomic saves: an interrupted save leaves the previous files intact and no staging folder behind."""
+
+import pytest
+import torch
+
+from hf_dawin import DaWinCLIPModel
+from hf_dawin.saving import pop_push_arguments, save_atomically
+
+
+def _snapshot(folder):
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_files_move_into_place(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    (target / "config.json").write_text("old")
+
+    def write(folder):
+        (folder / "config.json").write_text("new")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "file.txt").write_text("nested")
+
+    save_atomically(target, write)
+
+    assert _snapshot(target) == {"keep.txt": b"old", "config.json": b"new", "sub/file.txt": b"nested"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_write_leaves_target_unchanged(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"previous weights")
+
+    def write(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(target, write)
+
+    assert _snapshot(target) == {"model.safetensors": b"previous weights"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_weight_shards_removed(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "README.md"):
+        (target / name).write_text("old")
+
+    save_atomically(target, lambda folder: (folder / "model.safetensors").write_text("new"))
+
+    assert _snapshot(target) == {"model.safetensors": b"new", "README.md": b"old"}
+
+
+def test_file_target_rejected(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        save_atomically(path, lambda folder: None)
+
+
+def test_push_arguments_split_from_save_arguments(tmp_path):
+    kwargs = {"push_to_hub": True, "commit_message": "m", "max_shard_size": "1GB"}
+
+    push = pop_push_arguments(tmp_path / "my-model", kwargs)
+
+    assert push == {"commit_message": "m", "repo_id": "my-model"}
+    assert kwargs == {"max_shard_size": "1GB"}
+    assert pop_push_arguments(tmp_path, {"token": "t"}) is None
+
+
+def test_interrupted_model_save_keeps_previous(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "model")
+    before = _snapshot(tmp_path / "model")
+    import transformers.modeling_utils
+
+    def fail_midway(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_midway)
+    with torch.no_grad():
+        tiny_model.zero_shot_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_model.save_pretrained(tmp_path / "model")
+
+    assert _snapshot(tmp_path / "model") == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    assert isinstance(DaWinCLIPModel.from_pretrained(tmp_path / "model"), DaWinCLIPModel)
