@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_dawin.cli import main
 from hf_dawin.evaluation import EvaluationSet
 from hf_dawin.evaluation_multitask import (
     MultiTaskEvaluationSettings,
@@ -182,6 +183,22 @@ def test_command_on_saved_model(model, tmp_path, capsys):
     assert markdown == summarize_multitask(results, markdown=True) + "\n"
     assert "DaWin (per sample)" in capsys.readouterr().out
     assert not [path.name for path in output_dir.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("flag", [[], ["--multitask"]])
+def test_evaluate_command_routes_multitask(model, tmp_path, capsys, flag):
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "colours", ["red", "green", "blue"], 4, seed=3)
+
+    status = main([
+        "evaluate", *flag, "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}",
+        "--no-ties", "--no-progress", "--output-dir", str(tmp_path / "results"),
+    ])  # fmt: skip
+
+    assert status == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert list(results["tasks"]) == ["colours"]
+    assert "DaWin (per sample)" in capsys.readouterr().out
 
 
 def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):

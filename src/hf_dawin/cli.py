@@ -23,6 +23,7 @@ import torch
 from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
+from .configuration_multitask import DaWinMultiTaskCLIPConfig
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
 from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
@@ -96,6 +97,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Score zero-shot, fine-tuned, WiSE-FT, output ensemble and DaWin on an in-distribution (ID) set and "
             "shifted (OOD) sets. With no dataset arguments, runs the embedded MNIST shift benchmark."
+        ),
+    )
+    evaluate.add_argument(
+        "--multitask",
+        action="store_true",
+        help=(
+            "Evaluate several fine-tuned endpoints on their tasks instead of a pair on shifts; takes the options of "
+            "`hf-dawin evaluate-multitask --help`. Implied by --model naming a saved multi-task model folder."
         ),
     )
     evaluate.add_argument("--model", help="Saved DaWin model (directory or Hub id) instead of a pair.")
@@ -518,11 +527,40 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
     return results
 
 
+def _is_multitask_request(argv: list[str]) -> bool:
+    """Return whether `evaluate` arguments ask for the multi-task evaluation.
+
+    That is `--multitask`, or `--model` naming a local folder whose config is a multi-task DaWin model. A Hub id
+    is not looked up, because reading its config here would be a network call before the arguments are checked.
+    """
+    if "--multitask" in argv:
+        return True
+    for index, argument in enumerate(argv):
+        if argument == "--model" and index + 1 < len(argv):
+            source = argv[index + 1]
+        elif argument.startswith("--model="):
+            source = argument.split("=", 1)[1]
+        else:
+            continue
+        config_path = Path(source) / "config.json"
+        if not config_path.is_file():
+            return False
+        try:
+            model_type = json.loads(config_path.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            # An unreadable config is reported by the loader of the pair evaluation.
+            return False
+        return model_type == DaWinMultiTaskCLIPConfig.model_type
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-dawin` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["evaluate"]
+    if argv[0] == "evaluate" and _is_multitask_request(argv[1:]):
+        argv = ["evaluate-multitask", *(argument for argument in argv[1:] if argument != "--multitask")]
     if argv[0] == "evaluate-multitask":
         from .evaluation_multitask import main_multitask
 
