@@ -162,3 +162,88 @@ def test_remote_code_without_hf_dawin(saved_model, tmp_path):
     scores = {prediction["label"]: prediction["score"] for prediction in report["pipeline"]}
     for index, name in enumerate(TINY_CLASS_NAMES):
         assert scores[name] == pytest.approx(float(expected[index]), abs=1e-5)
+
+
+MULTITASK_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageClassification, pipeline
+
+    model_dir, work_dir = sys.argv[1], sys.argv[2]
+    model = AutoModelForImageClassification.from_pretrained(model_dir, trust_remote_code=True)
+    pixel_values = load_file(f"{work_dir}/inputs.safetensors")["pixel_values"]
+    with torch.no_grad():
+        logits = {
+            f"{task}_{mode}": model(pixel_values=pixel_values, task=task, mode=mode).logits
+            for task in model.config.tasks
+            for mode in ("sample", "task_arithmetic")
+        }
+    save_file(logits, f"{work_dir}/remote_logits.safetensors")
+    classifier = pipeline("image-classification", model=model_dir, trust_remote_code=True)
+    report = {
+        "class_module": type(model).__module__,
+        "processor": type(model.processor).__name__,
+        "pipeline": classifier(Image.open(f"{work_dir}/image.png"), top_k=4),
+        "modules": sorted(name for name in sys.modules if "dawin" in name),
+    }
+    with open(f"{work_dir}/report.json", "w") as handle:
+        json.dump(report, handle)
+    """
+)
+
+
+def test_multitask_remote_code_without_hf_dawin(tiny_processor, tmp_path):
+    from hf_dawin import DaWinMultiTaskCLIPModel
+
+    from .conftest import make_clip
+
+    pretrained = make_clip(0)
+    fine_tuned = [make_clip(40 + index, base=pretrained, noise=0.3) for index in range(2)]
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, fine_tuned, tasks={"animals": list(TINY_CLASS_NAMES), "colours": ["red", "green", "blue"]},
+        templates=TINY_TEMPLATES, processor=tiny_processor,
+    )  # fmt: skip
+    directory = tmp_path / "multi-dawin"
+    model.save_pretrained(directory)
+    assert "hub_multitask.py" not in {path.name for path in directory.glob("*.py")}
+    pixel_values = torch.randn(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(12))
+    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+
+    completed = subprocess.run(
+        [sys.executable, "-c", BLOCK_HF_DAWIN + MULTITASK_REMOTE_SCRIPT, str(directory), str(tmp_path)],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "is not supported for" not in completed.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["class_module"].startswith("transformers_modules.")
+    assert not [name for name in report["modules"] if name.startswith("hf_dawin")]
+    assert report["processor"] == "CLIPProcessor"
+    remote = load_file(tmp_path / "remote_logits.safetensors")
+    with torch.no_grad():
+        for task in ("animals", "colours"):
+            for mode in ("sample", "task_arithmetic"):
+                expected = model(pixel_values=pixel_values, task=task, mode=mode).logits
+                torch.testing.assert_close(remote[f"{task}_{mode}"], expected)
+        expected = model(**model.image_processor(images=image, return_tensors="pt")).logits[0].softmax(-1)
+    scores = {prediction["label"]: prediction["score"] for prediction in report["pipeline"]}
+    for index, name in enumerate(TINY_CLASS_NAMES):
+        assert scores[name] == pytest.approx(float(expected[index]), abs=1e-5)

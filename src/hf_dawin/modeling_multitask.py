@@ -437,9 +437,17 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save config, all endpoints and heads (safetensors), and the processor if any.
 
-        The files are written into a staging folder beside `save_directory` and then moved into it, so an
-        interrupted save leaves the files of an earlier save intact.
+        The module files of this model are copied beside the weights and `config.json` gets an `auto_map`, so
+        `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
+        folder where hf_dawin is not installed. The files are written into a staging folder beside
+        `save_directory` and then moved into it, so an interrupted save leaves the files of an earlier save intact.
         """
+        # `register_for_auto_class` (end of this module) adds the AutoConfig and AutoModelForImageClassification
+        # entries when the files are copied. The AutoModel entry is added here.
+        module_name = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
+        self.config.auto_map = auto_map
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
         push = pop_push_arguments(save_directory, kwargs)
@@ -476,8 +484,22 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         Returns:
             `huggingface_hub.CommitInfo` of the commit.
         """
-        from .hub_multitask import push_multitask_to_hub
-
+        # Imported by absolute name inside `try`, as in `DaWinCLIPModel.push_to_hub`, so that the Hub code stays
+        # out of the remote-code files. A remote-code copy without hf_dawin falls back to the generic upload.
+        try:
+            from hf_dawin.hub_multitask import push_multitask_to_hub
+        except ImportError:
+            logger.warning("hf_dawin is not installed, so the model is pushed with a generic model card.")
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                **kwargs,
+            )
         return push_multitask_to_hub(
             self,
             repo_id,
@@ -495,7 +517,12 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, kwargs))
+        processor_kwargs = dict(kwargs)
+        if cls.__module__.startswith("transformers_modules."):
+            # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
+            # config.json, whose `auto_map` would make transformers ask for that trust again.
+            processor_kwargs["trust_remote_code"] = True
+        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, processor_kwargs))
         return model
 
     # ------------------------------------------------------------------------------------------------------
@@ -909,3 +936,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
 AutoConfig.register(DaWinMultiTaskCLIPConfig.model_type, DaWinMultiTaskCLIPConfig, exist_ok=True)
 AutoModel.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)
 AutoModelForImageClassification.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)
+
+# Saving copies this module and its relative imports beside the weights and writes `auto_map` into the config.
+DaWinMultiTaskCLIPConfig.register_for_auto_class()
+DaWinMultiTaskCLIPModel.register_for_auto_class("AutoModelForImageClassification")
