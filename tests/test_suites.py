@@ -10,6 +10,7 @@ from PIL import Image
 
 from hf_dawin import DaWinCLIPModel
 from hf_dawin.cli import main
+from hf_dawin.datasets_io import crop_border
 from hf_dawin.evaluation import EvaluationSettings, evaluate_pair
 from hf_dawin.suites import (
     ImageNetSuiteSources,
@@ -218,6 +219,38 @@ def test_suite_labels_follow_folders(suite_sets):
     assert sorted(labels.tolist()) == [0, 0, 1, 1]
     labels = torch.cat([batch[1] for batch in by_name["imagenet_r"].batches()])
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_suite_crops_objectnet_border_only(suite_sets, suite_root, suite_model):
+    by_name = {s.name: s for s in suite_sets}
+    processor = suite_model.image_processor
+    pixel_values, _, indices = next(iter(by_name["objectnet"].batches()))
+    paths = sorted((suite_root / "objectnet" / "images" / "fish_things").glob("*"))
+    paths += sorted((suite_root / "objectnet" / "images" / "sharks").glob("*"))
+    images = [Image.open(path).convert("RGB") for path in paths]
+
+    cropped = processor(images=[crop_border(image) for image in images], return_tensors="pt")["pixel_values"]
+    uncropped = processor(images=images, return_tensors="pt")["pixel_values"]
+
+    # The folders hold two images each; match the batch rows to them by content.
+    for row in range(pixel_values.shape[0]):
+        assert any(torch.equal(pixel_values[row], candidate) for candidate in cropped)
+        assert not any(torch.equal(pixel_values[row], candidate) for candidate in uncropped)
+    imagenet_pixels, _, _ = next(iter(by_name["imagenet"].batches()))
+    imagenet_images = [Image.open(path).convert("RGB") for path in sorted((suite_root / "imagenet").rglob("*.png"))]
+    uncropped_imagenet = processor(images=imagenet_images, return_tensors="pt")["pixel_values"]
+    assert any(torch.equal(imagenet_pixels[0], candidate) for candidate in uncropped_imagenet)
+
+
+def test_crop_border_removes_two_pixels():
+    image = Image.new("RGB", (10, 8), (255, 0, 0))
+    image.paste((0, 0, 255), (2, 2, 8, 6))
+
+    cropped = crop_border(image)
+
+    assert cropped.size == (6, 4)
+    assert (np.asarray(cropped) == [0, 0, 255]).all()
+    assert crop_border(Image.new("RGB", (4, 4))).size == (4, 4)
 
 
 def test_suite_evaluation_scores_projected_logits(suite_sets, suite_model):

@@ -295,6 +295,8 @@ def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
     namespace = _build_parser().parse_args(["evaluate", *argv])
     values = vars(namespace)
     values.pop("command")
+    # `main` sends --multitask runs to the multi-task evaluation before these arguments are parsed.
+    values.pop("multitask")
     return EvaluateArguments(**values)
 
 

@@ -10,7 +10,7 @@ to RGB and downscales very large images before the image processor runs.
 import dataclasses
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +436,18 @@ def _image_storage_dataset(dataset: datasets.Dataset, image_column: str, label_c
     return dataset.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
 
 
+def crop_border(image: Image.Image, border: int = 2) -> Image.Image:
+    """Remove `border` pixels from each side of `image`; images too small to crop are returned unchanged.
+
+    ObjectNet images carry a thin red frame. The model-soups ObjectNet loader removes it with this 2-pixel crop
+    before preprocessing, and the suite does the same.
+    """
+    width, height = image.size
+    if width <= 2 * border or height <= 2 * border:
+        return image
+    return ImageOps.crop(image, border=border)
+
+
 def _generate_batches(
     storage: datasets.Dataset,
     image_processor: Any,
@@ -444,6 +456,7 @@ def _generate_batches(
     label_column: str,
     max_image_side: int | None,
     skipped: SkippedImages,
+    image_transform: Callable[[Image.Image], Image.Image] | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     def make_batch(images, labels, indices):
         pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -465,6 +478,8 @@ def _generate_batches(
                     skipped.add(index, f"{type(error).__name__}: {error}", path)
                     logger.debug("Skipping row %d (%s): %s", index, path, error)
                     continue
+                if image_transform is not None:
+                    image = image_transform(image)
                 images.append(image)
                 labels.append(int(label))
                 indices.append(index)
@@ -490,6 +505,7 @@ def iter_image_batches(
     num_classes: int | None = None,
     max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
     skipped: SkippedImages | None = None,
+    image_transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Decode, preprocess and batch the images of a dataset, skipping undecodable files.
 
@@ -508,6 +524,8 @@ def iter_image_batches(
         num_classes: Size of the label space the labels index into (see `check_labels`).
         max_image_side: Downscaling bound passed to `decode_image`.
         skipped: Record that receives the skipped rows, cleared first. Pass one to inspect them afterwards.
+        image_transform: Applied to each decoded RGB image before the processor, for example
+            `crop_border` for ObjectNet.
 
     Returns:
         An iterator of `(pixel_values, labels, indices)`: `pixel_values` of shape `(batch_size,
@@ -527,7 +545,9 @@ def iter_image_batches(
     if skipped is None:
         skipped = SkippedImages()
     skipped.clear()
-    return _generate_batches(storage, image_processor, batch_size, image_column, label_column, max_image_side, skipped)
+    return _generate_batches(
+        storage, image_processor, batch_size, image_column, label_column, max_image_side, skipped, image_transform
+    )
 
 
 class ImageBatcher:
@@ -591,6 +611,7 @@ __all__ = [
     "SkippedImage",
     "SkippedImages",
     "check_labels",
+    "crop_border",
     "decode_image",
     "iter_image_batches",
     "label_names",

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import datasets
+from PIL import Image
 from transformers.utils import logging
 
-from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset, restrict_to_classes
+from .datasets_io import crop_border, iter_image_batches, label_names, load_evaluation_dataset, restrict_to_classes
 from .distributed import dataset_shard_batches
 from .evaluation import EvaluationSet
 from .label_spaces import (
@@ -267,12 +268,14 @@ def build_evaluation_set(
     label_column: str = "label",
     in_distribution: bool = False,
     projection: LabelSpaceProjection | None = None,
+    image_transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> EvaluationSet:
     """Wrap a dataset as an [`EvaluationSet`] whose batches skip unreadable images.
 
     Labels are checked against the set's label space (the projection's classes, else the model's) before any
     image is read. In a multi-process run each process reads only its block of batches. The first pass logs how
-    many images it skipped, and the evaluation reports them as `num_skipped`.
+    many images it skipped, and the evaluation reports them as `num_skipped`. `image_transform` is applied to each
+    decoded image before the processor.
 
     Raises:
         ValueError: If a column is missing (the dataset's columns are listed) or a label is out of range.
@@ -287,6 +290,7 @@ def build_evaluation_set(
             image_column=image_column,
             label_column=label_column,
             num_classes=num_classes,
+            image_transform=image_transform,
         )
 
     # Check columns and labels now, so a bad dataset fails before the first endpoint pass.
@@ -410,7 +414,8 @@ def load_imagenet_suite(
 
     ImageNet-R and ImageNet-A are matched by WordNet id (their folder names) or by name, which yields their
     200-class subsets. ImageNet-V2 is matched by class index or name. ObjectNet is matched through its
-    `mappings/` tables, and each of its 113 classes takes the maximum logit over its ImageNet classes.
+    `mappings/` tables, and each of its 113 classes takes the maximum logit over its ImageNet classes; its
+    images lose a 2-pixel border (see `crop_border`).
     Entropies, coefficients and accuracy of each set are then computed in its own label space.
 
     Args:
@@ -449,7 +454,7 @@ def load_imagenet_suite(
             cache_dir=cache_dir,
         )
 
-    def evaluation_set(name, dataset, *, in_distribution, projection):
+    def evaluation_set(name, dataset, *, in_distribution, projection, image_transform=None):
         return build_evaluation_set(
             name,
             dataset,
@@ -460,6 +465,7 @@ def load_imagenet_suite(
             label_column=label_column,
             in_distribution=in_distribution,
             projection=projection,
+            image_transform=image_transform,
         )
 
     imagenet = load(sources.imagenet)
@@ -501,5 +507,7 @@ def load_imagenet_suite(
                 expected,
             )
         logger.info("%s: %d images in %d classes.", name, len(dataset), num_classes)
-        sets.append(evaluation_set(name, dataset, in_distribution=False, projection=projection))
+        # ObjectNet images have a thin red frame, cropped away before preprocessing.
+        transform = crop_border if name == "objectnet" else None
+        sets.append(evaluation_set(name, dataset, in_distribution=False, projection=projection, image_transform=transform))
     return sets
