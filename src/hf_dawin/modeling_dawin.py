@@ -98,7 +98,10 @@ class CLIPImageClassifier(nn.Module):
 
 
 class DaWinCLIPPreTrainedModel(PreTrainedModel):
-    """Base class wiring DaWin models into the transformers loading and saving machinery."""
+    """Base class wiring DaWin models into the transformers loading and saving machinery.
+
+    Subclasses hold CLIP endpoints, linear heads and a `processor` (set with `attach_processor`).
+    """
 
     config: DaWinCLIPConfig
     config_class = DaWinCLIPConfig
@@ -116,6 +119,43 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def attach_processor(self, processor: CLIPProcessor | None) -> None:
+        """Attach a `CLIPProcessor` (or image processor) saved and loaded with the model for pipelines."""
+        self.processor = processor
+        self.image_processor = getattr(processor, "image_processor", processor)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
+        """Save the config, every endpoint and head (safetensors), and the processor if any.
+
+        The files are written into a staging folder beside `save_directory` and then moved into it, so an
+        interrupted save leaves the files of an earlier save intact.
+
+        The module files of the model are copied beside the weights and `config.json` gets an `auto_map`, so
+        `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
+        folder where hf_dawin is not installed.
+        """
+        # `register_for_auto_class` (end of each model's module) adds the AutoConfig and
+        # AutoModelForImageClassification entries when the files are copied. The AutoModel entry is added here.
+        module_name = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        push = pop_push_arguments(save_directory, kwargs)
+        save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id"), **push)
+
+    def _write_files(self, folder: Path, *args, **kwargs) -> None:
+        super().save_pretrained(folder, *args, **kwargs)
+        if self.processor is not None and self.processor is not self.image_processor:
+            self.processor.save_pretrained(folder)
+        if self.image_processor is not None:
+            # transformers 5 nests the image processor inside processor_config.json; a separate
+            # preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder too.
+            self.image_processor.save_pretrained(folder)
 
 
 class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
@@ -305,47 +345,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         model.attach_processor(processor)
         return model.eval()
 
-    def attach_processor(self, processor: CLIPProcessor | None) -> None:
-        """Attach a `CLIPProcessor` (or image processor) saved and loaded with the model for pipelines."""
-        self.processor = processor
-        self.image_processor = getattr(processor, "image_processor", processor)
-
     # ------------------------------------------------------------------------------------------------------
-    # Saving and loading
+    # Loading
     # ------------------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
-        """Save config, both endpoints, heads and the fitted mixture (safetensors), and the processor if any.
-
-        The files are written into a staging folder beside `save_directory` and then moved into it, so an
-        interrupted save leaves the files of an earlier save intact.
-
-        The module files of this model are copied beside the weights and `config.json` gets an `auto_map`, so
-        `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
-        folder where hf_dawin is not installed.
-        """
-        # `register_for_auto_class` (end of this module) adds the AutoConfig and AutoModelForImageClassification
-        # entries when the files are copied. The AutoModel entry is added here.
-        module_name = type(self).__module__.rsplit(".", 1)[-1]
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
-        self.config.auto_map = auto_map
-        if not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        push = pop_push_arguments(save_directory, kwargs)
-        # Written into a staging folder first, so an interrupted save leaves an earlier save intact.
-        save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
-        if push is not None:
-            self.push_to_hub(push.pop("repo_id"), **push)
-
-    def _write_files(self, folder: Path, *args, **kwargs) -> None:
-        super().save_pretrained(folder, *args, **kwargs)
-        if self.processor is not None and self.processor is not self.image_processor:
-            self.processor.save_pretrained(folder)
-        if self.image_processor is not None:
-            # transformers 5 nests the image processor inside processor_config.json; a separate
-            # preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder too.
-            self.image_processor.save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -27,7 +27,6 @@ from transformers import (
     AutoModelForImageClassification,
     CLIPModel,
     CLIPProcessor,
-    PreTrainedModel,
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
@@ -47,13 +46,13 @@ from .interpolation import MixingState, build_mixed_module, check_compatible_sta
 from .merging import ties_merge_state_dicts
 from .modeling_dawin import (
     CLIPImageClassifier,
+    DaWinCLIPPreTrainedModel,
     _load_endpoint,
     _load_processor,
     _make_head,
     _run_on_own_device,
     _try_load_processor,
 )
-from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates, validate_templates
 
 
@@ -186,25 +185,15 @@ def _resolve_templates(templates, tasks: Mapping[str, Sequence[str]]) -> dict[st
 # ----------------------------------------------------------------------------------------------------------
 
 
-class DaWinMultiTaskCLIPPreTrainedModel(PreTrainedModel):
-    """Base class wiring multi-task DaWin models into the transformers loading and saving machinery."""
+class DaWinMultiTaskCLIPPreTrainedModel(DaWinCLIPPreTrainedModel):
+    """Base class wiring multi-task DaWin models into the transformers loading and saving machinery.
+
+    Saving, the processor and head initialisation are those of [`DaWinCLIPPreTrainedModel`].
+    """
 
     config: DaWinMultiTaskCLIPConfig
     config_class = DaWinMultiTaskCLIPConfig
     base_model_prefix = "dawin_multitask"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_attention_backend = True
-
-    def _init_weights(self, module):
-        # The CLIP endpoints are PreTrainedModels and initialise themselves; only the heads are ours. Heads
-        # start at zero so that a freshly built model never produces confident random predictions.
-        if isinstance(module, nn.Linear):
-            nn.init.zeros_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
@@ -425,43 +414,9 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         model.attach_processor(processor)
         return model.eval()
 
-    def attach_processor(self, processor: CLIPProcessor | None) -> None:
-        """Attach a `CLIPProcessor` (or image processor) saved and loaded with the model for pipelines."""
-        self.processor = processor
-        self.image_processor = getattr(processor, "image_processor", processor)
-
     # ------------------------------------------------------------------------------------------------------
     # Saving and loading
     # ------------------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
-        """Save config, all endpoints and heads (safetensors), and the processor if any.
-
-        The module files of this model are copied beside the weights and `config.json` gets an `auto_map`, so
-        `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
-        folder where hf_dawin is not installed. The files are written into a staging folder beside
-        `save_directory` and then moved into it, so an interrupted save leaves the files of an earlier save intact.
-        """
-        # `register_for_auto_class` (end of this module) adds the AutoConfig and AutoModelForImageClassification
-        # entries when the files are copied. The AutoModel entry is added here.
-        module_name = type(self).__module__.rsplit(".", 1)[-1]
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoModel"] = f"{module_name}.{type(self).__name__}"
-        self.config.auto_map = auto_map
-        if not kwargs.get("is_main_process", True):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        push = pop_push_arguments(save_directory, kwargs)
-        save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
-        if push is not None:
-            self.push_to_hub(push.pop("repo_id"), **push)
-
-    def _write_files(self, folder: Path, *args, **kwargs) -> None:
-        super().save_pretrained(folder, *args, **kwargs)
-        if self.processor is not None and self.processor is not self.image_processor:
-            self.processor.save_pretrained(folder)
-        if self.image_processor is not None:
-            # A separate preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder.
-            self.image_processor.save_pretrained(folder)
 
     def push_to_hub(
         self,
