@@ -12,7 +12,9 @@ zero-shot one plus noise, because cost does not depend on the values. It times, 
 - `endpoints`: both endpoints, which every dynamic mode runs first to compute its coefficients;
 - the modes `sample`, `mixture` (components already built), `static`, `zero_shot` and `output_ensemble`;
 - `reference`: the per-sample procedure of the DaWin reference code (copy the CLIP model, load weights
-  merged for the sample's coefficient, classify that one image), after the same endpoint pass.
+  merged for the sample's coefficient, classify that one image), after the same endpoint pass;
+- `reference_inplace`: the same per-sample merge done in place into one working copy of the image classifier
+  (`torch._foreach_copy_` and `torch._foreach_lerp_`), the fastest form of that procedure.
 
 It also times building the K mixture components and the per-sample mixed classifier, fitting the Beta
 mixture on 100,000 coefficients, and measures peak memory in a fresh subprocess per size (see
@@ -72,7 +74,7 @@ SIZES = {
     ),
 }
 TIMED_MODES = ("forward", "endpoints", "sample", "mixture", "static", "zero_shot", "output_ensemble")
-REFERENCE_MODES = ("reference", "reference_image_classifier")
+REFERENCE_MODES = ("reference", "reference_image_classifier", "reference_inplace")
 # Targets for the ViT-B/32-sized pair at batch 32 on CPU, as ratios to one endpoint forward.
 TARGETS = {"sample_ratio_max": 4.6, "mixture_ratio_max": 3.5, "sample_speedup_over_reference_min": 5.0,
            "component_build_ratio_max": 1.0, "mixture_fit_seconds_max": 1.0}
@@ -234,6 +236,28 @@ def reference_single_image(
     return CLIPImageClassifier(merged.vision_model, merged.visual_projection, head)(pixel_values)
 
 
+class InPlaceReference:
+    """Classify one image with weights merged in place into one working copy of the image classifier.
+
+    Per image, `torch._foreach_copy_` writes the zero-shot weights into the working copy and
+    `torch._foreach_lerp_` moves them toward the fine-tuned ones by the image's coefficient. Nothing is allocated
+    per image, so this is the fastest form of the per-sample merge; on a GPU its cost is the weight traffic plus
+    a launch-bound batch-one forward.
+    """
+
+    def __init__(self, model: DaWinCLIPModel):
+        zero_shot, fine_tuned = model.endpoint_classifiers()
+        self.working = copy.deepcopy(zero_shot).requires_grad_(False)
+        self.weights = list(self.working.parameters())
+        self.starts = [parameter.detach() for parameter in zero_shot.parameters()]
+        self.ends = [parameter.detach() for parameter in fine_tuned.parameters()]
+
+    def __call__(self, pixel_values: torch.Tensor, coefficient: float) -> torch.Tensor:
+        torch._foreach_copy_(self.weights, self.starts)
+        torch._foreach_lerp_(self.weights, self.ends, coefficient)
+        return self.working(pixel_values)
+
+
 def mode_operations(
     model: DaWinCLIPModel, pixel_values: torch.Tensor, coefficients: torch.Tensor
 ) -> dict[str, Callable[[], object]]:
@@ -318,13 +342,15 @@ def _time_modes(size: str, model: DaWinCLIPModel, batch_size: int, arguments: Be
         component_build.append(timed(lambda: build_components(model)))
 
     # The reference procedure, one image at a time, after the endpoint pass it also needs.
-    references: dict[str, list[tuple[float, float]]] = {"reference": [], "reference_image_classifier": []}
+    references: dict[str, list[tuple[float, float]]] = {name: [] for name in REFERENCE_MODES}
+    in_place = InPlaceReference(model)
     for index in range(min(arguments.reference_images, batch_size)):
         image, coefficient = pixel_values[index : index + 1], float(coefficients[index])
         for name, whole_model in (("reference", True), ("reference_image_classifier", False)):
             references[name].append(
                 timed(lambda: reference_single_image(model, image, coefficient, whole_model=whole_model))
             )
+        references["reference_inplace"].append(timed(lambda: in_place(image, coefficient)))
     print(f"[{size}] reference per image {statistics.median(s[0] for s in references['reference']):.2f} s", flush=True)
 
     modes = {name: summarize_times(values) for name, values in samples.items()}
@@ -367,8 +393,7 @@ def _time_modes(size: str, model: DaWinCLIPModel, batch_size: int, arguments: Be
                    "dtype": arguments.dtype},
         "batch_size": batch_size,
         "modes": modes,
-        "reference": reference_results["reference"],
-        "reference_image_classifier": reference_results["reference_image_classifier"],
+        **{name: reference_results[name] for name in REFERENCE_MODES},
         "builds": builds,
         "used_components": int(np.unique(model.stored_mixture().predict(coefficients.numpy())).size),
     }
@@ -442,6 +467,8 @@ def _measure_memory_of(size: str, model: DaWinCLIPModel, arguments: BenchmarkArg
         operations[name] = lambda whole_model=whole_model: reference_single_image(
             model, pixel_values[:1], float(coefficients[0]), whole_model=whole_model
         )
+    in_place = InPlaceReference(model)
+    operations["reference_inplace"] = lambda: in_place(pixel_values[:1], float(coefficients[0]))
     modes = {name: _peak_increase_mib(operation) for name, operation in operations.items()}
 
     sweep: dict[str, dict[str, float]] = {"forward": {}, "sample": {}}
@@ -531,7 +558,7 @@ def plot_results(results: dict, path: Path) -> None:
     for offset, size in enumerate(sizes):
         entry = results["sizes"][size]
         values = [entry["modes"][name]["cpu_ratio_to_forward"] for name in names if name in entry["modes"]]
-        values += [entry[name]["cpu_ratio_to_forward"] for name in REFERENCE_MODES]
+        values += [entry[name]["cpu_ratio_to_forward"] for name in REFERENCE_MODES if name in entry]
         positions = np.arange(len(names)) + (offset - (len(sizes) - 1) / 2) * width
         bars = ratios_axis.bar(positions, values, width, label=f"{size} (batch {entry['batch_size']})")
         ratios_axis.bar_label(bars, fmt="%.1f", fontsize=7)
@@ -574,7 +601,7 @@ def print_summary(results: dict) -> None:
         print(f"  {'mode':<26} {'images/s':>9} {'wall x fwd':>10} {'cpu x fwd':>10} {'peak MiB':>9}")
         peaks = entry.get("memory", {}).get("peak_increase_mib", {})
         rows = [(name, entry["modes"][name]) for name in TIMED_MODES]
-        rows += [("reference", entry["reference"]), ("reference_image_classifier", entry["reference_image_classifier"])]
+        rows += [(name, entry[name]) for name in REFERENCE_MODES if name in entry]
         for name, values in rows:
             peak = peaks.get(name)
             print(f"  {name:<26} {values['images_per_second']:>9.2f} {values['ratio_to_forward']:>10.2f} "

@@ -53,7 +53,7 @@ def test_json_has_every_measurement(tiny_run):
     assert tiny["modes"]["forward"]["ratio_to_forward"] == pytest.approx(1.0)
     sample = tiny["modes"]["sample"]
     assert sample["ratio_to_forward"] == pytest.approx(sample["seconds"] / tiny["modes"]["forward"]["seconds"])
-    for name in ("reference", "reference_image_classifier"):
+    for name in ("reference", "reference_image_classifier", "reference_inplace"):
         reference = tiny[name]
         assert reference["images_timed"] == 2
         assert reference["sample_speedup"] == pytest.approx(reference["seconds"] / sample["seconds"])
@@ -70,7 +70,7 @@ def test_memory_measured_in_subprocess(tiny_run):
     output, _ = tiny_run
     memory = json.loads(output.read_text())["sizes"]["tiny"]["memory"]
     assert "clear_refs" in memory["method"]
-    assert set(memory["peak_increase_mib"]) == set(MODES) | {"reference", "reference_image_classifier"}
+    assert set(memory["peak_increase_mib"]) == set(MODES) | {"reference", "reference_image_classifier", "reference_inplace"}
     assert set(memory["batch_sweep"]["sample"]) == {"1", "4"}
     assert memory["weights_mib"] > 0
     # The per-sample mixed classifier stores one task vector per weight: about one image classifier's size.
@@ -83,6 +83,24 @@ def test_plot_and_summary_written(tiny_run):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Beta mixture fit on 3000 coefficients" in stdout
     assert "reference_image_classifier" in stdout
+    assert "reference_inplace" in stdout
+
+
+def test_reference_procedures_agree_with_sample_mode():
+    import torch
+
+    script = _load_script()
+    arguments = script.parse_arguments(["--sizes", "tiny", "--num-classes", "10"])
+    model = script.build_pair("tiny", arguments)
+    pixel_values, coefficients = script.batch_inputs(model, 3, seed=1)
+    in_place = script.InPlaceReference(model)
+    with torch.inference_mode():
+        sample = model.interpolated_logits(pixel_values, coefficients)
+        for index in range(3):
+            image, coefficient = pixel_values[index : index + 1], float(coefficients[index])
+            copied = script.reference_single_image(model, image, coefficient)
+            torch.testing.assert_close(copied, sample[index : index + 1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(in_place(image, coefficient), copied, atol=1e-4, rtol=1e-4)
 
 
 def test_arguments_validated():
