@@ -19,6 +19,10 @@ zero-shot one plus noise, because cost does not depend on the values. It times, 
 It also times building the K mixture components and the per-sample mixed classifier, fitting the Beta
 mixture on 100,000 coefficients, and measures peak memory in a fresh subprocess per size (see
 `--help` of `--memory-batch-sizes`). Results go to a JSON file and a PNG plot.
+
+`--device cuda` runs the same measurements on a GPU, with wall time synchronised and peak memory read from
+CUDA's allocator, for example at `--batch-size 256 --dtype bfloat16`. NOTE: this GPU path has not been run;
+only the CPU path is tested.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class BenchmarkArguments:
     output: Path
     plot: Path | None
     seed: int
+    device: str = "cpu"
     memory_worker: str | None = None
 
 
@@ -140,8 +145,16 @@ def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
                         help="JSON file of the results (default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default: the JSON path with .png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and images (default: 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the pair, for example cuda or cuda:0 (default: %(default)s)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     namespace = parser.parse_args(argv)
+    try:
+        device = torch.device(namespace.device)
+    except RuntimeError as error:
+        parser.error(f"--device {namespace.device!r} is not a torch device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {namespace.device} needs CUDA, which this machine does not have; use --device cpu")
     for name in ("batch_size", "repeats", "num_classes", "n_components", "reference_images", "mixture_fit_size"):
         if getattr(namespace, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, received {getattr(namespace, name)}")
@@ -187,7 +200,7 @@ def build_pair(size: str, arguments: BenchmarkArguments) -> DaWinCLIPModel:
         processor=transformers.CLIPImageProcessor(),
         n_components=arguments.n_components,
     )
-    model = model.to(getattr(torch, arguments.dtype))
+    model = model.to(device=arguments.device, dtype=getattr(torch, arguments.dtype))
     model.fit_mixture(synthetic_coefficients(10_000, arguments.seed))
     return model.eval()
 
@@ -198,7 +211,7 @@ def batch_inputs(model: DaWinCLIPModel, batch_size: int, seed: int) -> tuple[tor
     image_size = model.config.clip_config.vision_config.image_size
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     coefficients = torch.from_numpy(synthetic_coefficients(batch_size, seed + 1))
-    return pixel_values, coefficients
+    return pixel_values.to(model.zero_shot_head.weight.device), coefficients
 
 
 def vision_parameter_count(model: DaWinCLIPModel) -> int:
@@ -241,8 +254,8 @@ class InPlaceReference:
 
     Per image, `torch._foreach_copy_` writes the zero-shot weights into the working copy and
     `torch._foreach_lerp_` moves them toward the fine-tuned ones by the image's coefficient. Nothing is allocated
-    per image, so this is the fastest form of the per-sample merge; on a GPU its cost is the weight traffic plus
-    a launch-bound batch-one forward.
+    per image. On a GPU its cost is expected to be the weight traffic plus a batch-one forward limited by kernel
+    launches.
     """
 
     def __init__(self, model: DaWinCLIPModel):
@@ -287,10 +300,18 @@ def build_components(model: DaWinCLIPModel) -> None:
         model.merged_classifier(float(mean))
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that wall time covers it; a no-op without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(operation: Callable[[], object]) -> tuple[float, float]:
-    """Run `operation` once; return `(wall seconds, process CPU seconds)`."""
+    """Run `operation` once; return `(wall seconds, process CPU seconds)`, GPU work included in wall time."""
+    _synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     operation()
+    _synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -432,14 +453,29 @@ def _release_and_reset_peak() -> int:
     return _proc_status_kib("VmRSS")
 
 
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _peak_increase_mib(operation: Callable[[], object]) -> float:
     operation()  # warm-up: builds cached modules and allocator state that later calls reuse
+    if _on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        operation()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
     baseline = _release_and_reset_peak()
     operation()
     return (_proc_status_kib("VmHWM") - baseline) / 1024
 
 
 def _persistent_increase_mib(operation: Callable[[], object]) -> float:
+    if _on_gpu():
+        before = torch.cuda.memory_allocated()
+        operation()
+        return (torch.cuda.memory_allocated() - before) / 2**20
     before = _release_and_reset_peak()
     operation()
     return (_release_and_reset_peak() - before) / 1024
@@ -481,7 +517,17 @@ def _measure_memory_of(size: str, model: DaWinCLIPModel, arguments: BenchmarkArg
 
 
 def measure_memory(size: str, arguments: BenchmarkArguments) -> dict:
-    """Run `memory_worker` for one size in a fresh Python process and return its result."""
+    """Run `memory_worker` for one size in a fresh Python process and return its result.
+
+    On a GPU the worker runs in this process instead, because CUDA's allocator statistics can be reset.
+    """
+    if torch.device(arguments.device).type == "cuda":
+        result = memory_worker(size, arguments)
+        result["method"] = (
+            "CUDA allocator statistics: after a warm-up call, the peak is reset; the value is "
+            "torch.cuda.max_memory_allocated after one call minus torch.cuda.memory_allocated before it."
+        )
+        return result
     if not Path("/proc/self/clear_refs").exists():
         return {"skipped": "peak memory needs Linux /proc/self/clear_refs to reset the resident-set high-water mark"}
     job = json.dumps({"size": size, "arguments": {**dataclasses.asdict(arguments), "output": str(arguments.output),
@@ -502,8 +548,8 @@ def measure_memory(size: str, arguments: BenchmarkArguments) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def machine_description(threads: int) -> dict:
-    """Describe the CPU, core count and library versions."""
+def machine_description(threads: int, device: str = "cpu") -> dict:
+    """Describe the CPU, core count, the GPU when one is used, and library versions."""
     cpu_model = platform.processor() or platform.machine()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -519,13 +565,15 @@ def machine_description(threads: int) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None,
     }
 
 
 def check_targets(results: dict) -> dict | None:
-    """Compare the ViT-B/32 results at batch 32 with the targets, on wall-clock and CPU-time ratios."""
+    """Compare the ViT-B/32 results at batch 32 on the CPU with the targets, on wall-clock and CPU-time ratios."""
     size = results["sizes"].get("vit-b-32")
-    if size is None or size["batch_size"] != 32:
+    if size is None or size["batch_size"] != 32 or results.get("machine", {}).get("device", "cpu") != "cpu":
         return None
     checks = {}
     for clock, prefix in (("wall", ""), ("cpu", "cpu_")):
@@ -623,7 +671,7 @@ def run_benchmark(arguments: BenchmarkArguments) -> dict:
         torch.set_num_threads(arguments.threads)
     results = {
         "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
-        "machine": machine_description(torch.get_num_threads()),
+        "machine": machine_description(torch.get_num_threads(), arguments.device),
         "load_average_start": list(os.getloadavg()),
         "arguments": {**dataclasses.asdict(arguments), "output": str(arguments.output), "plot": str(arguments.plot)},
         "sizes": {},

@@ -42,6 +42,7 @@ def test_json_has_every_measurement(tiny_run):
     results = json.loads(output.read_text())
     assert set(results["machine"]) >= {"cpu_model", "logical_cpus", "torch_threads", "torch", "transformers"}
     assert results["machine"]["torch_threads"] == 1
+    assert results["machine"]["device"] == "cpu"
     tiny = results["sizes"]["tiny"]
     assert tiny["batch_size"] == 4
     assert set(tiny["modes"]) == set(MODES)
@@ -112,6 +113,9 @@ def test_arguments_validated():
         script.parse_arguments(["--repeats", "0"])
     with pytest.raises(SystemExit):
         script.parse_arguments(["--batch-size-for", "vit-h-14=4"])
+    with pytest.raises(SystemExit):
+        script.parse_arguments(["--device", "not-a-device"])
+    assert script.parse_arguments(["--device", "cpu"]).device == "cpu"
 
 
 def test_targets_compare_both_clocks():
