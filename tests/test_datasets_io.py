@@ -105,15 +105,15 @@ def test_imagefolder_accepts_string_path(messy_folder, tmp_path):
     assert len(dataset) == 9
 
 
-def test_imagefolder_with_splits_needs_split(tmp_path):
-    for split in ("train", "test"):
+def test_imagefolder_with_splits_defaults_to_test(tmp_path):
+    for split, count in (("train", 3), ("test", 1)):
         for label in ("x", "y"):
             (tmp_path / "data" / split / label).mkdir(parents=True)
-            _noise((8, 8), 0).save(tmp_path / "data" / split / label / "0.png")
+            for index in range(count):
+                _noise((8, 8), index).save(tmp_path / "data" / split / label / f"{index}.png")
 
-    with pytest.raises(ValueError, match=r"has several splits \['test', 'train'\]. Pass split= to choose one"):
-        _load_folder(tmp_path / "data", tmp_path)
-    assert len(_load_folder(tmp_path / "data", tmp_path, split="test")) == 2
+    assert len(_load_folder(tmp_path / "data", tmp_path)) == 2
+    assert len(_load_folder(tmp_path / "data", tmp_path, split="train")) == 6
 
 
 def test_saved_dataset_loads(tmp_path):
@@ -129,11 +129,14 @@ def test_saved_dataset_loads(tmp_path):
 
 def test_saved_dataset_dict_split(tmp_path):
     part = _bytes_dataset([_png_bytes(_noise((8, 8), 0))], [1])
-    datasets.DatasetDict(validation=part, test=part).save_to_disk(tmp_path / "saved")
+    test_part = _bytes_dataset([_png_bytes(_noise((8, 8), seed)) for seed in range(2)], [0, 1])
+    datasets.DatasetDict(validation=part, test=test_part).save_to_disk(tmp_path / "saved")
 
     assert len(load_evaluation_dataset(tmp_path / "saved", split="validation")) == 1
-    with pytest.raises(ValueError, match=r"has several splits \['test', 'validation'\]"):
-        load_evaluation_dataset(tmp_path / "saved")
+    assert len(load_evaluation_dataset(tmp_path / "saved")) == 2
+    datasets.DatasetDict(train=part, validation=part).save_to_disk(tmp_path / "no_test")
+    with pytest.raises(ValueError, match=r"has several splits \['train', 'validation'\] and none is named 'test'"):
+        load_evaluation_dataset(tmp_path / "no_test")
     with pytest.raises(ValueError, match=r"Split 'train' not found .* Available splits: \['test', 'validation'\]"):
         load_evaluation_dataset(tmp_path / "saved", split="train")
 

@@ -130,3 +130,46 @@ def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
     assert set(results["summary"]) == set(METHODS)
     assert (output_dir / "results.md").read_text().startswith("| Method |")
     assert np.load(output_dir / "coefficients.npz")["inverted"].shape == (12,)
+
+
+def _reject_constant(name):
+    raise ValueError(f"results.json contains {name}, which is not JSON")
+
+
+def test_cli_id_only_writes_strict_json(tiny_pair_dirs, tmp_path, capsys):
+    output_dir = tmp_path / "results"
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(_image_dataset(tmp_path / "id", 2)), "--batch-size", "6", "--alphas", "0,1",
+        "--output-dir", str(output_dir), "--no-progress",
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    results = json.loads((output_dir / "results.json").read_text(), parse_constant=_reject_constant)
+    assert results["summary"]["dawin_sample"]["ood_average"] is None
+    assert results["wise_ft_sweep"]["ood_average"] is None
+    for name in ("results.json", "results.md", "coefficients.npz"):
+        assert (output_dir / name).stat().st_mode & 0o044 == 0o044, name
+
+
+def test_cli_rejects_output_file_before_running(tiny_pair_dirs, tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("not a folder")
+
+    with pytest.raises(SystemExit, match="--output-dir .* is a file"):
+        main([
+            "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+            "--id-dataset", str(tmp_path / "missing"), "--output-dir", str(target),
+        ])  # fmt: skip
+    assert target.read_text() == "not a folder"
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: hf-dawin" in capsys.readouterr().out
+
+
+def test_cli_rejects_malformed_alphas(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--alphas", "a,b"])
+    assert "expected comma-separated numbers in [0, 1] such as 0,0.5,1, received 'a,b'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Multi-task evaluation: every reported method against the model's own forward modes, tables and the command."""
 
 import copy
+import io
 import json
 
 import datasets
@@ -229,3 +230,50 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
 def test_command_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
         main_multitask(argv)
+
+
+def test_command_reports_skipped_images(model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(4)
+    encoded = []
+    for _ in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    encoded[2] = {"bytes": b"\x89PNG broken", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green", "blue"])})
+    datasets.Dataset.from_dict({"image": encoded, "label": [0, 1, 2, 0]}, features=features).save_to_disk(
+        str(tmp_path / "colours")
+    )
+
+    status = main_multitask([
+        "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}",
+        "--no-ties", "--no-progress", "--output-dir", str(tmp_path / "results"),
+    ])  # fmt: skip
+
+    assert status == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["tasks"]["colours"]["num_skipped"] == 1
+    assert results["tasks"]["colours"]["num_examples"] == 3
+    assert "colours: 1 of 4 images could not be read and were skipped" in capsys.readouterr().out
+
+
+def test_command_errors_are_one_line(model, tiny_pair_dirs, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "cars", ["sedan", "truck"], 3, seed=5)
+
+    status = main_multitask(["--model", str(tmp_path / "model"), "--task-dataset", f"cars={tmp_path / 'cars'}"])
+
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "\nhf-dawin evaluate-multitask: error: Unknown task 'cars'" in "\n" + error
+    assert "Traceback" not in error
+    status = main_multitask(["--model", str(tiny_pair_dirs[0]), "--task-dataset", f"cars={tmp_path / 'cars'}"])
+    assert status == 1
+    assert "contains a model of type 'clip'" in capsys.readouterr().err
+
+
+def test_command_refuses_several_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process"):
+        main_multitask(["--model", "m", "--task-dataset", "a=b"])

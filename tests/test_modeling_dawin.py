@@ -266,3 +266,70 @@ def test_offset_adjustment_needs_statistics(tiny_model, pixel_values):
     tiny_model.calibrate([pixel_values[:3], {"pixel_values": pixel_values[3:]}])
     outputs = tiny_model(pixel_values=pixel_values)
     assert outputs.coefficients.shape == (pixel_values.shape[0],)
+
+
+def test_edited_temperatures_checked_at_forward(tiny_model, pixel_values):
+    tiny_model.config.temperatures = [0.0, 1.0]
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        tiny_model(pixel_values=pixel_values)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["static", "zero_shot", "fine_tuned"])
+def test_nan_pixels_rejected_in_fixed_weight_modes(tiny_model, pixel_values, mode):
+    pixel_values = pixel_values.clone()
+    pixel_values[1] = float("nan")
+    with pytest.raises(ValueError, match="produced NaN or infinite logits for 1 sample"):
+        tiny_model(pixel_values=pixel_values, mode=mode)
+
+
+def test_wrong_channel_count_rejected(tiny_model, pixel_values):
+    with pytest.raises(ValueError, match=r"Expected pixel_values of shape \(batch_size, 3, height, width\)"):
+        tiny_model(pixel_values=pixel_values[:, :1])
+
+
+def test_labels_outside_classes_rejected(tiny_model, pixel_values):
+    labels = torch.zeros(pixel_values.shape[0], dtype=torch.long)
+    labels[0] = len(TINY_CLASS_NAMES)
+    with pytest.raises(ValueError, match=r"labels \[4\] are outside the model's 4 classes"):
+        tiny_model(pixel_values=pixel_values, labels=labels)
+
+
+def test_alpha_tensor_accepted(tiny_model, pixel_values):
+    with torch.no_grad():
+        from_tensor = tiny_model(pixel_values=pixel_values, mode="static", alpha=torch.tensor(0.3)).logits
+        from_float = tiny_model(pixel_values=pixel_values, mode="static", alpha=0.3).logits
+    torch.testing.assert_close(from_tensor, from_float)
+
+
+def test_calibrate_needs_two_images(tiny_model, pixel_values):
+    with pytest.raises(ValueError, match="calibrate needs at least two images .* received 1"):
+        tiny_model.calibrate([pixel_values[:1]])
+
+
+def test_same_model_as_both_endpoints_saves(tiny_endpoints, tiny_processor, pixel_values, tmp_path):
+    zero_shot = tiny_endpoints[0]
+    model = DaWinCLIPModel.from_pretrained_pair(
+        zero_shot, zero_shot, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+    )
+    model.save_pretrained(tmp_path)
+
+    loaded = DaWinCLIPModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
+    assert model.zero_shot is zero_shot
+    assert model.fine_tuned is not zero_shot
+
+
+def test_loading_multitask_folder_names_the_class(tiny_processor, tmp_path):
+    from hf_dawin import DaWinMultiTaskCLIPModel
+
+    pretrained = make_clip(0)
+    multitask = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, [make_clip(5, base=pretrained, noise=0.3)], tasks={"animals": list(TINY_CLASS_NAMES)},
+        templates=TINY_TEMPLATES, processor=tiny_processor,
+    )  # fmt: skip
+    multitask.save_pretrained(tmp_path / "multitask")
+
+    with pytest.raises(ValueError, match="type 'dawin_multitask_clip'.*Load it with DaWinMultiTaskCLIPModel"):
+        DaWinCLIPModel.from_pretrained(tmp_path / "multitask")

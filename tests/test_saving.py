@@ -93,3 +93,16 @@ def test_interrupted_model_save_keeps_previous(tiny_model, tmp_path, monkeypatch
     assert _snapshot(tmp_path / "model") == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
     assert isinstance(DaWinCLIPModel.from_pretrained(tmp_path / "model"), DaWinCLIPModel)
+
+
+def test_failed_save_removes_new_folder(tmp_path):
+    target = tmp_path / "new" / "model"
+
+    def write(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_atomically(target, write)
+
+    assert not target.exists()
+    assert [path.name for path in (tmp_path / "new").iterdir()] == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -82,6 +83,16 @@ class EvaluateArguments:
     push_results: str | None = None
 
 
+def _parse_alphas(text: str) -> list[float]:
+    """Parse `--alphas`, for example `0,0.25,1`, into floats."""
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers in [0, 1] such as 0,0.5,1, received {text!r}"
+        ) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dawin", description="DaWin: dynamic weight interpolation of CLIP pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,9 +141,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int, help="Evaluate at most this many examples per set.")
     evaluate.add_argument(
         "--alphas",
-        type=lambda text: [float(value) for value in text.split(",")],
+        type=_parse_alphas,
         default=list(DEFAULT_ALPHAS),
-        help="Comma-separated WiSE-FT sweep of weights on the fine-tuned endpoint (default: 0,0.1,...,1).",
+        help=(
+            "Comma-separated WiSE-FT sweep of weights on the fine-tuned endpoint; 0.5 is always added "
+            "(default: 0,0.1,...,1)."
+        ),
     )
     evaluate.add_argument(
         "--offset-adjustment", action="store_true", help="Use the offset adjustment with each set's entropy statistics."
@@ -317,6 +331,9 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
         raise SystemExit("error: --id-dataset needs a model: --model or --zero-shot with --fine-tuned.")
     if arguments.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
+    output_dir = Path(arguments.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
     for entry in arguments.shift_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --shift-dataset expects NAME=SOURCE, received {entry!r}.")
@@ -448,12 +465,37 @@ def _has_class_names(dataset, arguments: EvaluateArguments) -> bool:
     return isinstance(dataset.features.get(arguments.label_column), datasets.ClassLabel)
 
 
+def _default_file_mode() -> int:
+    """Return the mode a newly created file gets under the current umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _replace_with(temporary: Path, path: Path) -> None:
+    """Move a finished temporary file onto `path`, with the mode an ordinary new file would have."""
+    # NamedTemporaryFile creates files readable by their owner only; results are meant to be shared.
+    os.chmod(temporary, _default_file_mode())
+    os.replace(temporary, path)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(text)
         temporary = Path(handle.name)
-    os.replace(temporary, path)
+    _replace_with(temporary, path)
+
+
+def json_ready(value):
+    """Return `value` with every NaN or infinite float replaced by None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
@@ -468,12 +510,12 @@ def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dic
         "markdown": output_dir / "results.md",
         "coefficients": output_dir / "coefficients.npz",
     }
-    _write_atomically(paths["json"], json.dumps(results, indent=2))
+    _write_atomically(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
     _write_atomically(paths["markdown"], summarize(results, markdown=True) + "\n")
     with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".coefficients.", suffix=".npz", delete=False) as handle:
         np.savez(handle, **{name: np.asarray(values, dtype=np.float32) for name, values in coefficients.items()})
         temporary = Path(handle.name)
-    os.replace(temporary, paths["coefficients"])
+    _replace_with(temporary, paths["coefficients"])
     if plots:
         paths.update(_write_plots(results, coefficients, output_dir))
     results["coefficients"] = coefficients
@@ -560,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-dawin` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        argv = ["evaluate"]
+        # The embedded benchmark takes minutes, so it runs only when asked for with `hf-dawin evaluate`.
+        _build_parser().print_help()
+        return 0
     if argv[0] == "evaluate" and _is_multitask_request(argv[1:]):
         argv = ["evaluate-multitask", *(argument for argument in argv[1:] if argument != "--multitask")]
     if argv[0] == "evaluate-multitask":

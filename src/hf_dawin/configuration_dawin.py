@@ -26,7 +26,12 @@ def check_mode(mode: str) -> str:
 
 
 def check_alpha(alpha: float) -> float:
-    """Return `alpha` as a float if it lies in [0, 1], else raise a ValueError."""
+    """Return `alpha` as a float if it lies in [0, 1], else raise a ValueError.
+
+    A one-element tensor or NumPy scalar counts as its value.
+    """
+    if hasattr(alpha, "item") and getattr(alpha, "ndim", 1) == 0 and not isinstance(alpha, bool):
+        alpha = alpha.item()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
         raise ValueError(
             f"alpha is the static weight on the fine-tuned endpoint and must lie in [0, 1], received {alpha!r}."

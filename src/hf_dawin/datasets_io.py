@@ -124,7 +124,13 @@ def _select_split(
         return splits[split]
     if len(splits) == 1:
         return next(iter(splits.values()))
-    raise ValueError(f"{source} has several splits {sorted(splits)}. Pass split= to choose one.")
+    if "test" in splits:
+        logger.info("%s has the splits %s; evaluating 'test'.", source, sorted(splits))
+        return splits["test"]
+    raise ValueError(
+        f"{source} has several splits {sorted(splits)} and none is named 'test'. Choose one with split= "
+        "(--split on the command line)."
+    )
 
 
 def _load_local(path: Path, split: str | None, cache_dir: str | None) -> datasets.Dataset:

@@ -446,8 +446,9 @@ def evaluate_pair(
     ood_names = [s.name for s in sets if not s.in_distribution]
     id_name = in_distribution[0]
 
-    def ood_average(values: dict[str, float]) -> float:
-        return float(np.mean([values[name] for name in ood_names])) if ood_names else float("nan")
+    def ood_average(values: dict[str, float]) -> float | None:
+        # None (JSON null) without shifted sets: JSON has no NaN.
+        return float(np.mean([values[name] for name in ood_names])) if ood_names else None
 
     # The best static alpha is chosen by OOD average accuracy: an oracle choice that favours WiSE-FT.
     ood_by_alpha = [ood_average({name: sweep[name][i] for name in sweep}) for i in range(len(alphas))]
@@ -545,7 +546,7 @@ def summarize(results: dict, *, markdown: bool = False) -> str:
         row = [label]
         row += [f"{100 * results['sets'][name]['scores'][method]['accuracy']:.2f}" for name in set_names]
         average = results["summary"][method]["ood_average"]
-        row.append("-" if math.isnan(average) else f"{100 * average:.2f}")
+        row.append("-" if average is None else f"{100 * average:.2f}")
         rows.append(row)
 
     if markdown:

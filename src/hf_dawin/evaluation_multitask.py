@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -256,6 +258,7 @@ def evaluate_multitask(
         }
         results_tasks[task] = {
             "num_examples": int(predictions.indices.numel()),
+            "num_skipped": evaluation_set.num_examples - int(predictions.indices.numel()),
             "num_classes": int(predictions.pretrained_logits.shape[1]),
             "scores": scores,
             "task_weights": {
@@ -424,6 +427,9 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
     for entry in arguments.task_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
+    output_dir = Path(arguments.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
 
 
 def _embedded_suite(arguments: MultiTaskEvaluateArguments):
@@ -506,11 +512,11 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
 
 def write_multitask_results(results: dict, output_dir: Path) -> dict[str, Path]:
     """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename)."""
-    from .cli import _write_atomically
+    from .cli import _write_atomically, json_ready
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    _write_atomically(paths["json"], json.dumps(results, indent=2))
+    _write_atomically(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
     _write_atomically(paths["markdown"], summarize_multitask(results, markdown=True) + "\n")
     return paths
 
@@ -518,6 +524,11 @@ def write_multitask_results(results: dict, output_dir: Path) -> dict[str, Path]:
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     """Run the multi-task evaluation described by `arguments`, print the table and write the results."""
     _check_arguments(arguments)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "error: the multi-task evaluation runs in one process; launch it without accelerate launch or torchrun "
+            "(multi-process runs are supported by `hf-dawin evaluate` for pairs)."
+        )
     torch.manual_seed(arguments.seed)
     started = time.perf_counter()
     if arguments.model or arguments.pretrained:
@@ -531,6 +542,11 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     print()
     print(f"Accuracy (%) per task; s = {results['settings']['scale']:g}.")
     print(summarize_multitask(results))
+    for task, entry in results["tasks"].items():
+        if entry["num_skipped"]:
+            total = entry["num_examples"] + entry["num_skipped"]
+            print(f"{task}: {entry['num_skipped']} of {total} images could not be read and were skipped "
+                  "(num_skipped in results.json).")
     print(f"\nResults written to {paths['json']} and {paths['markdown']} ({results['runtime_seconds']} s).")
     return results
 
@@ -544,5 +560,12 @@ def main_multitask(argv: Sequence[str] | None = None) -> int:
     Returns:
         `int`: The exit status, 0 on success.
     """
-    run_evaluate_multitask(parse_multitask_arguments(list(argv or [])))
+    try:
+        run_evaluate_multitask(parse_multitask_arguments(list(argv or [])))
+    except (OSError, ValueError) as error:
+        # Invalid input (an unknown task, a missing column, an unreachable repository) ends the run with its
+        # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
+        logger.debug("hf-dawin evaluate-multitask failed.", exc_info=True)
+        print(f"hf-dawin evaluate-multitask: error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, CLIPProcessor, PreTrainedModel
+from transformers import CLIPModel, CLIPProcessor, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
 from .coefficients import (
     EntropyStatistics,
     check_finite_logits,
+    check_temperatures,
     coefficients_from_entropies,
     entropy,
     entropy_statistics,
@@ -124,6 +125,33 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """Attach a `CLIPProcessor` (or image processor) saved and loaded with the model for pipelines."""
         self.processor = processor
         self.image_processor = getattr(processor, "image_processor", processor)
+
+    @classmethod
+    def _check_saved_model_type(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
+        """Raise a ValueError naming the right class if the saved config is of another model type.
+
+        transformers only logs a warning for a mismatch and then fails later with an unrelated message.
+        """
+        if isinstance(kwargs.get("config"), PreTrainedConfig):
+            return
+        names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+        config_dict, _ = PreTrainedConfig.get_config_dict(
+            pretrained_model_name_or_path, **{name: kwargs[name] for name in names if name in kwargs}
+        )
+        found, expected = config_dict.get("model_type"), cls.config_class.model_type
+        if found == expected:
+            return
+        classes = {"dawin_clip": "DaWinCLIPModel", "dawin_multitask_clip": "DaWinMultiTaskCLIPModel"}
+        hint = (
+            f"Load it with {classes[found]}.from_pretrained, or with AutoModelForImageClassification after "
+            "`import hf_dawin`."
+            if found in classes
+            else f"Pass a folder written by {cls.__name__}.save_pretrained."
+        )
+        raise ValueError(
+            f"{str(pretrained_model_name_or_path)!r} contains a model of type {found!r}, but {cls.__name__} loads "
+            f"model type {expected!r}. {hint}"
+        )
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save the config, every endpoint and head (safetensors), and the processor if any.
@@ -287,6 +315,10 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             )
             loaded[key] = (endpoint_model, source)
         (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = loaded.values()
+        if fine_tuned_model is zero_shot_model:
+            # One module in both places would share its tensors, which safetensors cannot save.
+            logger.info("The same CLIPModel was given as both endpoints; the fine-tuned endpoint is a copy of it.")
+            fine_tuned_model = copy.deepcopy(zero_shot_model)
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
 
         if processor is None:
@@ -307,7 +339,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             else:
                 if processor is None or getattr(processor, "tokenizer", None) is None:
                     raise ValueError(
-                        f"Building the {name.replace('_', '-')} zero-shot head needs a CLIP tokenizer, but no processor "
+                        f"Building the zero-shot head of the {name.replace('_', '-')} endpoint needs a CLIP tokenizer, but no processor "
                         "was given or found beside the zero-shot endpoint. Pass processor=CLIPProcessor.from_pretrained(...)."
                     )
                 weight = build_zero_shot_head(endpoint, processor.tokenizer, names, template_list, progress=progress)
@@ -355,6 +387,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
         try:
+            cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
             raise OSError(
@@ -480,7 +513,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         Raises:
             ValueError: If the offset adjustment is enabled but no statistics are given or calibrated.
         """
-        zero_shot_temperature, fine_tuned_temperature = self.config.temperatures
+        # Checked again here, because the config can be edited after construction.
+        zero_shot_temperature, fine_tuned_temperature = check_temperatures(self.config.temperatures)
         zero_shot_entropy = entropy(zero_shot_logits, zero_shot_temperature)
         fine_tuned_entropy = entropy(fine_tuned_logits, fine_tuned_temperature)
         if self.config.offset_adjustment:
@@ -602,14 +636,18 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             `dict` with the `entropy_statistics` and, if fitted, the `mixture` parameters.
         """
         zero_shot_entropies, fine_tuned_entropies = [], []
-        zero_shot_temperature, fine_tuned_temperature = self.config.temperatures
+        zero_shot_temperature, fine_tuned_temperature = check_temperatures(self.config.temperatures)
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
             zero_shot_logits, fine_tuned_logits = self.endpoint_logits(pixel_values)
             zero_shot_entropies.append(entropy(zero_shot_logits, zero_shot_temperature))
             fine_tuned_entropies.append(entropy(fine_tuned_logits, fine_tuned_temperature))
-        if not zero_shot_entropies:
-            raise ValueError("The calibration set is empty; pass at least two images.")
+        count = sum(values.numel() for values in zero_shot_entropies)
+        if count < 2:
+            raise ValueError(
+                f"calibrate needs at least two images to compute entropy statistics and fit the mixture, received "
+                f"{count}. Pass batches of calibration images."
+            )
         zero_shot_entropy = torch.cat(zero_shot_entropies)
         fine_tuned_entropy = torch.cat(fine_tuned_entropies)
         statistics = entropy_statistics(zero_shot_entropy, fine_tuned_entropy)
@@ -707,11 +745,14 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
             raise ValueError("DaWinCLIPModel needs pixel_values of shape (batch_size, 3, height, width).")
-        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+        channels = self.config.clip_config.vision_config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != channels:
             raise ValueError(
-                f"Expected pixel_values of shape (batch_size, 3, height, width) with batch_size >= 1, received "
-                f"{tuple(pixel_values.shape)}. Preprocess images with the model's image processor."
+                f"Expected pixel_values of shape (batch_size, {channels}, height, width) with batch_size >= 1, "
+                f"received {tuple(pixel_values.shape)}. Preprocess images with the model's image processor."
             )
+        if alpha is not None and mode != "static":
+            logger.warning_once(f"alpha is used by mode='static' only; mode={mode!r} ignores it.")
 
         zero_shot_logits = fine_tuned_logits = zero_shot_entropy = fine_tuned_entropy = components = None
         if mode in ("zero_shot", "fine_tuned", "static"):
@@ -726,6 +767,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 logits = _run_on_own_device(self.endpoint_classifiers()[1], pixel_values).float().to(pixel_values.device)
             else:
                 logits = self.static_logits(pixel_values, weight)
+            names = {"zero_shot": "zero-shot", "fine_tuned": "fine-tuned", "static": f"merged (alpha={weight:g})"}
+            check_finite_logits(logits, names[mode])
             batch_coefficients = torch.full((pixel_values.shape[0],), weight, device=pixel_values.device)
         else:
             # Score both endpoints, then compute the per-sample coefficients from their entropies.
@@ -749,7 +792,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits, labels.to(logits.device).long())
+            loss = F.cross_entropy(logits, _check_labels(labels, logits.shape).to(logits.device))
 
         output = DaWinImageClassifierOutput(
             loss=loss,
@@ -841,6 +884,21 @@ def _make_head(weight: torch.Tensor, bias: torch.Tensor | None, *, reference: to
 def _run_on_own_device(module: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     device = next(module.parameters()).device
     return module(pixel_values.to(device))
+
+
+def _check_labels(labels: torch.Tensor, logits_shape: torch.Size) -> torch.Tensor:
+    """Return `labels` as int64 if it contains one class index in `[0, num_classes)` per image, else raise."""
+    labels = torch.as_tensor(labels).long()
+    batch_size, num_classes = logits_shape
+    if labels.shape != (batch_size,):
+        raise ValueError(f"Expected labels of shape ({batch_size},), one class index per image, received {tuple(labels.shape)}.")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise ValueError(
+            f"labels {sorted(set(outside.tolist()))[:10]} are outside the model's {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}). Map them to indices of config.class_names."
+        )
+    return labels
 
 
 def _check_coefficients(coefficients: torch.Tensor, batch_size: int) -> torch.Tensor:

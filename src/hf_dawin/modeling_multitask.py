@@ -471,6 +471,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
+        cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         processor_kwargs = dict(kwargs)
         if cls.__module__.startswith("transformers_modules."):

@@ -25,6 +25,7 @@ def _is_weight_file(name: str) -> bool:
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(staging)` on an empty staging folder, then move what it wrote into `save_directory`.
 
+    If `write` raises, the target is left as it was, and a target folder that this call created is removed.
     Files of the target that `write` did not produce are kept, except weight files of an earlier save
     (`model*.safetensors` and their index), which would otherwise mix shards of two saves. The staging folder is
     created beside the target, on the same filesystem, and is removed in every case.
@@ -42,10 +43,17 @@ def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], N
     target = Path(save_directory).resolve()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"Cannot save into {target}, because it is a file. Pass a folder path.")
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
-        write(staging)
+        try:
+            write(staging)
+        except BaseException:
+            # A folder this call created is removed again, unless something else wrote into it meanwhile.
+            if created and not any(target.iterdir()):
+                target.rmdir()
+            raise
         written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
         for relative in written:
             destination = target / relative
