@@ -181,7 +181,7 @@ def test_max_examples_above_size_keeps_all(messy_folder, tmp_path):
 
 @pytest.mark.parametrize("max_examples", [0, -2, 1.5, True])
 def test_max_examples_rejects_invalid(messy_folder, tmp_path, max_examples):
-    with pytest.raises(ValueError, match="max_examples must be a positive integer or None"):
+    with pytest.raises(ValueError, match=r"max_examples \(--max-examples\) must be a positive integer or None"):
         _load_folder(messy_folder, tmp_path, max_examples=max_examples)
 
 

@@ -178,7 +178,8 @@ def _check_columns(dataset: datasets.Dataset, image_column: str, label_column: s
         if column not in dataset.column_names:
             raise ValueError(
                 f"The evaluation dataset has no column {column!r} ({argument}). Its columns are "
-                f"{dataset.column_names}. Pass {argument}= with the right name."
+                f"{dataset.column_names}. Pass {argument}= with the right name (--{argument.replace('_', '-')} on "
+                "the command line)."
             )
 
 
@@ -224,7 +225,9 @@ def load_evaluation_dataset(
         ```
     """
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}.")
+        raise ValueError(
+            f"max_examples (--max-examples) must be a positive integer or None, received {max_examples!r}."
+        )
     if not isinstance(source, (str, Path)):
         raise TypeError(f"source must be a Hub dataset id or a local path, got {type(source).__name__}.")
     cache_dir = str(cache_dir) if cache_dir is not None else None
@@ -255,7 +258,8 @@ def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[
     if not isinstance(feature, datasets.ClassLabel):
         raise ValueError(
             f"Column {label_column!r} is {feature!r}, not a ClassLabel, so it has no class names. Cast it with "
-            "dataset.cast_column(label_column, datasets.ClassLabel(names=[...])) or pass the class names yourself."
+            "dataset.cast_column(label_column, datasets.ClassLabel(names=[...])) or pass the class names yourself "
+            "(--class-names FILE on the command line)."
         )
     return list(feature.names)
 
