@@ -173,3 +173,34 @@ def test_cli_rejects_malformed_alphas(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--alphas", "a,b"])
     assert "expected comma-separated numbers in [0, 1] such as 0,0.5,1, received 'a,b'" in capsys.readouterr().err
+
+
+def _string_label_dataset(path, seed, labels):
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": images, "label": list(labels)}, features=features).save_to_disk(str(path))
+    return path
+
+
+def test_cli_string_labels_with_class_names(tiny_pair_dirs, tmp_path, capsys):
+    names_file = tmp_path / "classes.txt"
+    names_file.write_text("\n".join(TINY_CLASS_NAMES) + "\n")
+    labels = [TINY_CLASS_NAMES[i % len(TINY_CLASS_NAMES)] for i in range(8)]
+    common = [
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--class-names", str(names_file), "--batch-size", "4", "--alphas", "0,1", "--no-progress",
+    ]  # fmt: skip
+
+    exit_code = main([
+        *common, "--id-dataset", str(_string_label_dataset(tmp_path / "id", 0, labels)),
+        "--output-dir", str(tmp_path / "results"),
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["sets"]["id"]["num_examples"] == 8
+    assert results["sets"]["id"]["num_classes"] == len(TINY_CLASS_NAMES)
+    unknown = _string_label_dataset(tmp_path / "unknown", 1, ["cat", "zebra"])
+    assert main([*common, "--id-dataset", str(unknown), "--output-dir", str(tmp_path / "other")]) == 1
+    assert "labels ['zebra'] in column 'label' are not among the class names" in capsys.readouterr().err

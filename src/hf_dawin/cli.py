@@ -398,20 +398,20 @@ def _custom_benchmark(arguments: EvaluateArguments):
         arguments.id_dataset, split=arguments.split, image_column=arguments.image_column,
         label_column=arguments.label_column, max_examples=arguments.max_examples,
     )
-    if arguments.class_names:
-        class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
-    else:
-        class_names = label_names(id_dataset, arguments.label_column)
-
     if arguments.model:
         model = DaWinCLIPModel.from_pretrained(arguments.model)
         class_names = list(model.config.class_names)
     else:
+        if arguments.class_names:
+            class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
+        else:
+            class_names = label_names(id_dataset, arguments.label_column)
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates, progress=arguments.progress
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
+    id_dataset = _string_labels_as_classes(id_dataset, class_names, arguments.label_column, arguments.id_dataset)
 
     # Each set's labels are matched to the model's classes by name, class index or WordNet id. The shifted sets
     # are also matched against the ID dataset's own label names.
@@ -444,6 +444,7 @@ def _custom_benchmark(arguments: EvaluateArguments):
             source, split=arguments.split, image_column=arguments.image_column,
             label_column=arguments.label_column, max_examples=arguments.max_examples,
         )
+        dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column, source)
         projection = projection_for_dataset(
             class_names,
             label_names(dataset, arguments.label_column),
@@ -459,6 +460,26 @@ def _custom_benchmark(arguments: EvaluateArguments):
             )
         )
     return model, sets
+
+
+def _string_labels_as_classes(dataset, class_names: list[str], label_column: str, source: str):
+    """Turn a label column of class-name strings into a `ClassLabel` column over `class_names`.
+
+    Other label columns are returned unchanged.
+
+    Raises:
+        ValueError: If a label string is not one of `class_names`.
+    """
+    feature = dataset.features.get(label_column)
+    if not isinstance(feature, datasets.Value) or feature.dtype not in ("string", "large_string"):
+        return dataset
+    unknown = sorted(set(dataset.unique(label_column)) - set(class_names))
+    if unknown:
+        raise ValueError(
+            f"{source}: labels {unknown[:10]} in column {label_column!r} are not among the class names "
+            f"{class_names[:10]}{' ...' if len(class_names) > 10 else ''}. Give every label's name in --class-names."
+        )
+    return dataset.cast_column(label_column, datasets.ClassLabel(names=class_names))
 
 
 def _has_class_names(dataset, arguments: EvaluateArguments) -> bool:
