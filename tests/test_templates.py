@@ -148,3 +148,22 @@ def test_validate_templates_strips():
 def test_validate_templates_rejects_bad_lists(templates, error, message):
     with pytest.raises(error, match=message):
         validate_templates(templates)
+
+
+def test_named_pipe_is_read(tmp_path):
+    import os
+    import threading
+
+    pipe = tmp_path / "templates"
+    os.mkfifo(pipe)
+
+    def write():
+        with open(pipe, "w") as handle:
+            handle.write("a photo of a {}.\nan image of a {}.\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    templates = load_templates(str(pipe))
+    writer.join(timeout=10)
+
+    assert templates == ["a photo of a {}.", "an image of a {}."]

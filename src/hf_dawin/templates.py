@@ -142,7 +142,8 @@ def load_templates(path_or_name: str | Path | None = None) -> list[str]:
             FALLBACK_TEMPLATE,
         )
         return [FALLBACK_TEMPLATE]
-    if not path.is_file():
+    # A pipe such as bash's `<(...)` exists without being a regular file, and reads like one.
+    if not path.exists() or path.is_dir():
         raise FileNotFoundError(
             f"Template file {str(path_or_name)!r} does not exist. Pass the path of a text file (one template "
             f"per line) or a JSON list, or a bundled set name: {_bundled_names()}."
