@@ -615,3 +615,14 @@ def test_skipped_record_serialises(processor):
     assert record[0]["index"] == 0
     assert record[0]["reason"].startswith("UnidentifiedImageError")
 
+
+
+def test_single_class_folder_keeps_label(tmp_path):
+    (tmp_path / "data" / "sharks").mkdir(parents=True)
+    for seed in range(3):
+        _noise((8, 8), seed).save(tmp_path / "data" / "sharks" / f"{seed}.png")
+
+    dataset = _load_folder(tmp_path / "data", tmp_path)
+
+    assert label_names(dataset) == ["sharks"]
+    assert dataset["label"][:] == [0, 0, 0]

@@ -70,6 +70,17 @@ def test_too_small_max_memory_names_sizes(tiny_pair_dirs):
     assert "offloaded to disk" in message
 
 
+def test_endpoints_share_one_max_memory_budget(tiny_pair_dirs):
+    size = sum(tensor.numel() * tensor.element_size() for tensor in make_clip(0).state_dict().values())
+
+    # Room for one endpoint and a half: the zero-shot endpoint fits, the fine-tuned one does not.
+    with pytest.raises(ValueError, match="fine-tuned endpoint \\(max_memory left after the zero-shot endpoint\\)"):
+        _pair(tiny_pair_dirs, device_map="auto", max_memory={"cpu": int(1.5 * size)})
+
+    model = _pair(tiny_pair_dirs, device_map="auto", max_memory={"cpu": 3 * size})
+    assert model.fine_tuned.device.type == "cpu"
+
+
 def test_saved_model_loads_with_device_map(tiny_model, tmp_path, images):
     tiny_model.save_pretrained(tmp_path / "dawin")
     expected = _logits(tiny_model, images)

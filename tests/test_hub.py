@@ -1,10 +1,12 @@
 """Hub artifacts: one-commit uploads with model cards, merged CLIP exports and results in cards.
 
 The real `huggingface_hub` upload code runs against `FakeHub`, a loopback HTTP server implementing the few
-endpoints that `create_repo`, `create_commit` (YAML validation, preupload, commit) and `hf_hub_download` use.
+endpoints that `create_repo`, `create_commit` (YAML validation, preupload, commit with added and deleted files),
+`list_repo_files` and `hf_hub_download` use.
 """
 
 import base64
+import copy
 import hashlib
 import io
 import json
@@ -101,16 +103,22 @@ class FakeHub:
                     repo_id = match.group(1)
                     if repo_id not in hub.repos:
                         return self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                    header, files = None, {}
+                    header, files, deleted = None, {}, []
                     for line in body.splitlines():
                         item = json.loads(line)
                         if item["key"] == "header":
                             header = item["value"]
                         elif item["key"] == "file":
                             files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "deletedFile":
+                            deleted.append(item["value"]["path"])
+                    for path in deleted:
+                        hub.repos[repo_id].pop(path, None)
                     hub.repos[repo_id].update(files)
                     oid = hashlib.sha1(f"{repo_id}{len(hub.commits)}".encode()).hexdigest()
-                    hub.commits.append({"repo_id": repo_id, "header": header, "files": files, "query": self.path})
+                    hub.commits.append(
+                        {"repo_id": repo_id, "header": header, "files": files, "deleted": deleted, "query": self.path}
+                    )
                     return self.reply(
                         200,
                         {
@@ -127,6 +135,16 @@ class FakeHub:
 
             def do_GET(self):
                 hub.requests.append((self.command, self.path))
+                match = re.fullmatch(r"/api/models/(.+)/tree/([^/]+)", self.path.split("?")[0])
+                if match:
+                    repo_id = match.group(1)
+                    if repo_id not in hub.repos:
+                        return self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    entries = [
+                        {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for path, data in sorted(hub.repos[repo_id].items())
+                    ]
+                    return self.reply(200, entries)
                 match = re.fullmatch(r"/(.+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
                 if not match:
                     return self.reply(404, {"error": "Unknown endpoint"})
@@ -292,6 +310,31 @@ def test_pipeline_loads_pushed_repo_and_url(fake_hub, hub_model, tmp_path, monke
         assert scores[name] == pytest.approx(float(expected[index]), abs=1e-5)
 
 
+def test_invalid_results_fail_before_creating_repo(fake_hub, pair_model, results):
+    model = copy.deepcopy(pair_model)
+    model.config.mode = "static"
+    model.config.alpha = 0.3
+
+    with pytest.raises(ValueError, match="do not include the model's static alpha 0.3"):
+        push_dawin_to_hub(model, "my-org/static-dawin", results=results)
+
+    assert "my-org/static-dawin" not in fake_hub.repos
+    assert not fake_hub.commits
+
+
+def test_repush_with_shards_deletes_old_weights(fake_hub, hub_model):
+    push_dawin_to_hub(hub_model, "my-org/tiny-dawin")
+    push_dawin_to_hub(hub_model, "my-org/tiny-dawin", max_shard_size="100KB")
+
+    files = fake_hub.repos["my-org/tiny-dawin"]
+    assert "model.safetensors" not in files
+    assert "model.safetensors.index.json" in files
+    index = json.loads(files["model.safetensors.index.json"])
+    assert set(index["weight_map"].values()) <= set(files)
+    assert fake_hub.commits[1]["deleted"] == ["model.safetensors"]
+    assert "README.md" in files
+
+
 def test_pushed_card_metadata(fake_hub, hub_model, results):
     push_dawin_to_hub(hub_model, "my-org/tiny-dawin", results=results)
 
@@ -397,6 +440,16 @@ def test_save_merged_static_alpha(pair_model, tmp_path):
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
     torch.testing.assert_close(merged.state_dict()[key], 0.75 * zero_shot[key] + 0.25 * fine_tuned[key])
     assert "static coefficient" in ModelCard.load(folder / "README.md").text
+
+
+def test_save_merged_close_alphas_get_separate_folders(pair_model, tmp_path):
+    folders = save_merged_components(pair_model, tmp_path, alphas=[0.5, 0.50001, 0.75])
+
+    assert [folder.name for folder in folders] == ["alpha_0.5000_export0", "alpha_0.5000_export1", "alpha_0.7500"]
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    zero_shot, fine_tuned = pair_model.zero_shot.state_dict()[key], pair_model.fine_tuned.state_dict()[key]
+    merged = CLIPModel.from_pretrained(folders[1]).state_dict()[key]
+    torch.testing.assert_close(merged, 0.49999 * zero_shot + 0.50001 * fine_tuned)
 
 
 def test_save_merged_needs_mixture_or_alphas(pair_model, tmp_path):

@@ -61,3 +61,8 @@ __all__ = [
 AutoConfig.register(DaWinCLIPConfig.model_type, DaWinCLIPConfig, exist_ok=True)
 AutoModel.register(DaWinCLIPConfig, DaWinCLIPModel, exist_ok=True)
 AutoModelForImageClassification.register(DaWinCLIPConfig, DaWinCLIPModel, exist_ok=True)
+# Registered here rather than in the modeling modules: those are copied beside saved models as remote code, where
+# a registration would make transformers reuse the first loaded repository's classes for every later one.
+AutoConfig.register(DaWinMultiTaskCLIPConfig.model_type, DaWinMultiTaskCLIPConfig, exist_ok=True)
+AutoModel.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)
+AutoModelForImageClassification.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)

@@ -305,7 +305,8 @@ def oracle_coefficients(
 ) -> torch.Tensor:
     """Compute the label-using oracle coefficient p_1(y|x) / (p_0(y|x) + p_1(y|x)).
 
-    The oracle reads the true labels, so it is an analysis upper bound only and never a deployable method.
+    The oracle reads the true labels, so it serves analysis only and is never a deployable method. It is not an
+    upper bound of every method: a static merge can classify an image correctly where this coefficient fails.
 
     Args:
         zero_shot_logits (`torch.Tensor` of shape `(batch_size, num_classes)`): Zero-shot logits.

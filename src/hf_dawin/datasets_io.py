@@ -133,6 +133,12 @@ def _select_split(
     )
 
 
+def _is_single_class_folder(path: Path) -> bool:
+    """Return whether `path` contains exactly one visible subfolder, which contains files (one class folder)."""
+    folders = [entry for entry in path.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+    return len(folders) == 1 and any(entry.is_file() for entry in folders[0].iterdir())
+
+
 def _load_local(path: Path, split: str | None, cache_dir: str | None) -> datasets.Dataset:
     if not path.exists():
         raise FileNotFoundError(f"Evaluation dataset directory {str(path)!r} does not exist.")
@@ -153,6 +159,10 @@ def _load_local(path: Path, split: str | None, cache_dir: str | None) -> dataset
 
     # Any other directory: `datasets` infers the builder from the files (imagefolder for images).
     loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+    columns = loaded.column_names if isinstance(loaded, datasets.Dataset) else next(iter(loaded.column_names.values()))
+    if "label" not in columns and _is_single_class_folder(path):
+        # `imagefolder` infers labels only from two or more class folders; one class folder is still a label.
+        loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir, drop_labels=False)
     if isinstance(loaded, datasets.DatasetDict):
         return _select_split(loaded, None, str(path))
     return loaded

@@ -51,7 +51,7 @@ __all__ = [
 
 DEFAULT_ALPHAS = tuple(round(step / 10, 1) for step in range(11))
 
-# Methods in the order they are reported. "oracle" reads the labels and is an analysis upper bound only.
+# Methods in the order they are reported. "oracle" reads the labels, so it is for analysis only.
 METHODS = (
     "zero_shot",
     "fine_tuned",

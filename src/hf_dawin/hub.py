@@ -15,14 +15,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from .configuration_dawin import check_alpha
 from .evaluation import METHOD_LABELS, summarize
-from .saving import save_atomically
+from .saving import is_weight_file, save_atomically
 
 
 logger = logging.get_logger(__name__)
@@ -276,7 +276,8 @@ def eval_results_from(
         if not matches:
             raise ValueError(
                 f"The WiSE-FT sweep covers alphas {alphas}, which do not include the model's static alpha "
-                f"{static_alpha:g}. Evaluate with --alphas including {static_alpha:g}."
+                f"{static_alpha:g}. Evaluate again with {static_alpha:g} among the alphas (EvaluationSettings.alphas, "
+                "or --alphas on the command line)."
             )
         for name in sets:
             accuracy = results["wise_ft_sweep"]["accuracy"][name][matches[0]]
@@ -331,9 +332,11 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
                 f"In-distribution (ID) set: {id_name}. Distribution shifts (OOD): {shifts}.",
                 sets_table,
                 "Accuracy (%) of DaWin and its baselines. OOD avg is the mean over the shifted sets, and the oracle "
-                "reads the labels, so it is an upper bound for analysis only.",
+                "interpolates with a coefficient computed from the true label, so it is for analysis only.",
                 summarize(dict(results), markdown=True),
-                f"The `model-index` metadata of this card reports {reported}.",
+                f"The `model-index` metadata of this card reports {reported}. The evaluation fits the Beta mixture "
+                "and the offset statistics on each evaluation set, so a model that uses its saved calibration "
+                "can score slightly differently.",
             ]
         )
     return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
@@ -482,6 +485,16 @@ def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
     ]
 
 
+def _stale_weight_files(api: HfApi, repo_id: str, revision: str | None, uploaded: set[str]) -> list[str]:
+    """Return the top-level weight files (`model*.safetensors` and their index) in the repository that the new
+    upload does not replace."""
+    try:
+        existing = api.list_repo_files(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        return []
+    return sorted(path for path in existing if "/" not in path and is_weight_file(path) and path not in uploaded)
+
+
 def _commit_folder(
     api: HfApi,
     repo_id: str,
@@ -495,6 +508,11 @@ def _commit_folder(
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = _folder_operations(folder)
+    stale = _stale_weight_files(api, repo_id, revision, {operation.path_in_repo for operation in operations})
+    if stale:
+        # Weights of an earlier upload with another shard layout would otherwise be loaded instead of these.
+        logger.info("Deleting %d weight files of an earlier upload from %s: %s", len(stale), repo_id, stale)
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     logger.info("Uploading %d files to %s in one commit.", len(operations), repo_id)
     return api.create_commit(
         repo_id,
@@ -550,6 +568,8 @@ def push_dawin_to_hub(
     >>> push_dawin_to_hub(model, "my-org/clip-vit-b32-dawin", results=results).commit_url
     ```
     """
+    # Rendered once before the repository exists, so invalid results fail without creating an empty repository.
+    build_model_card(model, repo_id=repo_id, results=results, tags=tags)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     card = build_model_card(model, repo_id=repo_id, results=results, tags=tags)
@@ -731,7 +751,8 @@ def save_merged_components(
 
     Args:
         model ([`DaWinCLIPModel`]): The DaWin model.
-        output_dir (`str` or `Path`): Parent folder; each export goes to `alpha_<value>` inside it.
+        output_dir (`str` or `Path`): Parent folder; each export goes to `alpha_<value>` inside it, with
+            `_component<i>` (or `_export<i>`) appended when two alphas round to the same four decimals.
         alphas (`Sequence[float]`, *optional*): Static weights on the fine-tuned endpoint. Defaults to the
             component means of the model's fitted Beta mixture.
 
@@ -750,9 +771,16 @@ def save_merged_components(
     ```
     """
     output_dir = Path(output_dir)
+    exports = _component_alphas(model, alphas)
+    names = [f"alpha_{alpha:.4f}" for alpha, _ in exports]
+    # Alphas that round to the same folder name get their position (or mixture component) appended.
+    names = [
+        name if names.count(name) == 1 else f"{name}_{'component' if component is not None else 'export'}{index}"
+        for index, (name, (_, component)) in enumerate(zip(names, exports))
+    ]
     folders = []
-    for alpha, component in _component_alphas(model, alphas):
-        folder = output_dir / f"alpha_{alpha:.4f}"
+    for name, (alpha, component) in zip(names, exports):
+        folder = output_dir / name
         # Written into a staging folder first, so an interrupted save leaves an earlier export intact.
         save_atomically(
             folder,

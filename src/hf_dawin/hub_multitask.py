@@ -280,6 +280,8 @@ def push_multitask_to_hub(
     Returns:
         `huggingface_hub.CommitInfo` of the commit.
     """
+    # Rendered once before the repository exists, so invalid results fail without creating an empty repository.
+    build_multitask_model_card(model, repo_id=repo_id, results=results, tags=tags)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     card = build_multitask_model_card(model, repo_id=repo_id, results=results, tags=tags)
@@ -372,7 +374,8 @@ def build_merged_multitask_card(
         pipeline_tag="zero-shot-image-classification",
         tags=list(MERGED_MULTITASK_CARD_TAGS),
         merge_method=method,
-        merge_coefficients=[float(value) for value in coefficients] if coefficients is not None else None,
+        # Eight significant digits, so float32 values read as written (0.3, not 0.30000001192092896).
+        merge_coefficients=[float(f"{value:.8g}") for value in coefficients] if coefficients is not None else None,
     )
     return _render(
         MERGED_MULTITASK_CARD_TEMPLATE,

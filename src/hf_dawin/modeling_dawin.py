@@ -39,7 +39,7 @@ from .interpolation import (
     merge_task_vectors,
 )
 from .mixture import BetaMixture
-from .placement import check_dtype_supported, prepare_endpoint, resolve_dtype, split_device_map
+from .placement import check_dtype_supported, prepare_endpoint, remaining_memory, resolve_dtype, split_device_map
 from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates
 
@@ -171,6 +171,11 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         self.config.auto_map = auto_map
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self.config, "mode", None) == "mixture" and not getattr(self.config, "mixture", None):
+            logger.warning(
+                "Saving a model in mode='mixture' without a fitted Beta mixture; its forward pass and pipelines will "
+                "raise until model.calibrate(...) or model.fit_mixture(...) is called. Fit it before saving."
+            )
         push = pop_push_arguments(save_directory, kwargs)
         save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
         if push is not None:
@@ -305,14 +310,21 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(load_kwargs.get("max_memory") or {})
         loaded = {}
+        budget = requested_memory
         for key, endpoint in (("zero_shot", zero_shot), ("fine_tuned", fine_tuned)):
             name = key.replace("_", "-")
             kwargs = load_kwargs if endpoint_maps[key] is None else {**load_kwargs, "device_map": endpoint_maps[key]}
+            if budget:
+                # Both endpoints share the max_memory budget: the second one gets what the first one left.
+                kwargs = {**kwargs, "max_memory": dict(budget)}
             endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
+            limits_note = "" if key == "zero_shot" or not budget else " (max_memory left after the zero-shot endpoint)"
             endpoint_model = prepare_endpoint(
-                endpoint_model, f"{name} endpoint", dtype=dtype, device_map=endpoint_maps[key],
-                max_memory=requested_memory, loaded_here=not isinstance(endpoint, CLIPModel),
+                endpoint_model, f"{name} endpoint{limits_note}", dtype=dtype, device_map=endpoint_maps[key],
+                max_memory=budget, loaded_here=not isinstance(endpoint, CLIPModel),
             )
+            if budget:
+                budget = remaining_memory(requested_memory, endpoint_model)
             loaded[key] = (endpoint_model, source)
         (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = loaded.values()
         if fine_tuned_model is zero_shot_model:

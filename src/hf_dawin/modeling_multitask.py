@@ -21,13 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageClassification,
-    CLIPModel,
-    CLIPProcessor,
-)
+from transformers import CLIPModel, CLIPProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
@@ -888,10 +882,6 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-
-AutoConfig.register(DaWinMultiTaskCLIPConfig.model_type, DaWinMultiTaskCLIPConfig, exist_ok=True)
-AutoModel.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)
-AutoModelForImageClassification.register(DaWinMultiTaskCLIPConfig, DaWinMultiTaskCLIPModel, exist_ok=True)
 
 # Saving copies this module and its relative imports beside the weights and writes `auto_map` into the config.
 DaWinMultiTaskCLIPConfig.register_for_auto_class()

@@ -233,6 +233,31 @@ def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | Non
     )
 
 
+def remaining_memory(max_memory: dict, model: nn.Module) -> dict:
+    """Return the `max_memory` budget left after `model`'s weights: each device's limit minus what it holds.
+
+    Both endpoints of a pair share one budget, so the second endpoint is loaded with what the first left.
+
+    Args:
+        max_memory (`dict`): Device (`"cpu"`, a GPU index, `"cuda:N"`, ...) to a byte count or size string.
+        model (`nn.Module`): A loaded model.
+
+    Returns:
+        `dict`: The same devices with byte counts, never below zero.
+    """
+    from accelerate.utils import convert_file_size_to_int
+
+    used: dict[str, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        used[str(tensor.device)] = used.get(str(tensor.device), 0) + tensor.numel() * tensor.element_size()
+    remaining = {}
+    for device, limit in max_memory.items():
+        limit = convert_file_size_to_int(limit) if isinstance(limit, str) else int(limit)
+        name = f"cuda:{device}" if isinstance(device, int) else str(device)
+        remaining[device] = max(limit - used.get(name, 0), 0)
+    return remaining
+
+
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 

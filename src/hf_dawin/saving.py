@@ -2,7 +2,8 @@
 
 An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
 it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
-on one filesystem. This module uses the standard library only, because it is copied beside saved models as
+on one filesystem. NOTE: the folder as a whole is not swapped atomically, so an interruption during these moves
+(renames, which take milliseconds) can leave some files new and others old. This module uses the standard library only, because it is copied beside saved models as
 remote code.
 """
 
@@ -15,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-__all__ = ["save_atomically"]
+__all__ = ["is_weight_file", "pop_push_arguments", "save_atomically"]
 
 
-def _is_weight_file(name: str) -> bool:
+def is_weight_file(name: str) -> bool:
+    """Return whether a file name is a safetensors weight file or index written by `save_pretrained`."""
     return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
 
 
@@ -61,7 +63,7 @@ def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], N
             os.replace(staging / relative, destination)
         new_names = {relative.as_posix() for relative in written}
         for path in target.iterdir():
-            if path.is_file() and _is_weight_file(path.name) and path.name not in new_names:
+            if path.is_file() and is_weight_file(path.name) and path.name not in new_names:
                 path.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
