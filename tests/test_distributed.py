@@ -150,7 +150,7 @@ class _SecondHalf:
         return items[(len(items) + 1) // 2 :]
 
 
-def test_dataset_shard_batches_reads_only_the_block_of_this_process():
+def test_dataset_shards_read_own_block():
     import datasets
 
     dataset = datasets.Dataset.from_dict({"value": list(range(11))})
@@ -169,7 +169,8 @@ def test_dataset_shard_batches_reads_only_the_block_of_this_process():
     assert [batch[2].tolist() for batch in batches] == [[6, 7, 8], [9, 10]]
     assert shards.num_examples(_SecondHalf()) == 5
     empty = dataset_shard_batches(make_batches, dataset.select([]), batch_size=3)
-    assert list(empty(_SecondHalf())) == [] and empty.num_examples(_SecondHalf()) == 0
+    assert list(empty(_SecondHalf())) == []
+    assert empty.num_examples(_SecondHalf()) == 0
 
 
 def test_single_process_state_is_transparent():

@@ -84,6 +84,24 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+def _run_without_hf_dawin(script: str, model_dir, work_dir) -> subprocess.CompletedProcess:
+    """Run `script` with arguments `model_dir work_dir` in a Python process where hf_dawin cannot be imported."""
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(work_dir / "modules"),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_HF_DAWIN + script, str(model_dir), str(work_dir)],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
 @pytest.fixture(scope="module")
 def saved_model(tiny_pair_dirs, tmp_path_factory):
     model = DaWinCLIPModel.from_pretrained_pair(
@@ -126,21 +144,8 @@ def test_remote_code_without_hf_dawin(saved_model, tmp_path):
     save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 20, 3), dtype=np.uint8))
     image.save(tmp_path / "image.png")
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
 
-    completed = subprocess.run(
-        [sys.executable, "-c", BLOCK_HF_DAWIN + REMOTE_SCRIPT, str(directory), str(tmp_path)],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    completed = _run_without_hf_dawin(REMOTE_SCRIPT, directory, tmp_path)
 
     assert completed.returncode == 0, completed.stderr[-3000:]
     # transformers logs an error when a pipeline's model class is not registered for the task.
@@ -215,21 +220,8 @@ def test_multitask_remote_code_without_hf_dawin(tiny_processor, tmp_path):
     save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8))
     image.save(tmp_path / "image.png")
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
 
-    completed = subprocess.run(
-        [sys.executable, "-c", BLOCK_HF_DAWIN + MULTITASK_REMOTE_SCRIPT, str(directory), str(tmp_path)],
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    completed = _run_without_hf_dawin(MULTITASK_REMOTE_SCRIPT, directory, tmp_path)
 
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "is not supported for" not in completed.stderr

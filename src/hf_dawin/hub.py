@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
@@ -568,11 +568,45 @@ def push_dawin_to_hub(
     >>> push_dawin_to_hub(model, "my-org/clip-vit-b32-dawin", results=results).commit_url
     ```
     """
-    # Rendered once before the repository exists, so invalid results fail without creating an empty repository.
-    build_model_card(model, repo_id=repo_id, results=results, tags=tags)
+    return push_model_with_card(
+        model,
+        repo_id,
+        lambda card_repo_id: build_model_card(model, repo_id=card_repo_id, results=results, tags=tags),
+        commit_message=commit_message or "Upload DaWin model",
+        commit_description=commit_description,
+        private=private,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        max_shard_size=max_shard_size,
+    )
+
+
+def push_model_with_card(
+    model,
+    repo_id: str,
+    build_card: Callable[[str], ModelCard],
+    *,
+    commit_message: str,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "5GB",
+):
+    """Save `model` with the card `build_card(repo_id)` renders and upload both in one commit.
+
+    The card is rendered once before the repository exists, so invalid results fail without creating an empty
+    repository. The other arguments are those of [`push_dawin_to_hub`].
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+    """
+    build_card(repo_id)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = build_model_card(model, repo_id=repo_id, results=results, tags=tags)
+    card = build_card(repo_id)
     with tempfile.TemporaryDirectory(prefix="hf_dawin_push_") as folder:
         folder = Path(folder)
         model.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -581,7 +615,7 @@ def push_dawin_to_hub(
             api,
             repo_id,
             folder,
-            commit_message=commit_message or "Upload DaWin model",
+            commit_message=commit_message,
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
@@ -724,8 +758,15 @@ def _component_alphas(model, alphas: Sequence[float] | None) -> list[tuple[float
     return [(float(mean), index) for index, mean in enumerate(mixture.component_means)]
 
 
-def _save_merged(model, alpha: float, folder: Path, *, repo_id: str | None, component: int | None) -> None:
-    merged = model.merge(alpha)
+def write_plain_clip(model, merged, card: ModelCard, folder: Path) -> None:
+    """Write a merged `CLIPModel`, the DaWin model's processor files and `card` into `folder`.
+
+    Args:
+        model: The DaWin model (pair or multi-task) whose processor is saved.
+        merged (`CLIPModel`): The merged weights.
+        card (`huggingface_hub.ModelCard`): Saved as `README.md`.
+        folder (`Path`): The folder to write.
+    """
     merged.save_pretrained(folder)
     processor = model.processor
     if processor is not None:
@@ -738,7 +779,12 @@ def _save_merged(model, alpha: float, folder: Path, *, repo_id: str | None, comp
         )
     if model.image_processor is not None and model.image_processor is not processor:
         model.image_processor.save_pretrained(folder)
-    build_merged_model_card(model, alpha, repo_id=repo_id, component=component).save(folder / "README.md")
+    card.save(folder / "README.md")
+
+
+def _save_merged(model, alpha: float, folder: Path, *, repo_id: str | None, component: int | None) -> None:
+    card = build_merged_model_card(model, alpha, repo_id=repo_id, component=component)
+    write_plain_clip(model, model.merge(alpha), card, folder)
 
 
 def save_merged_components(

@@ -25,6 +25,8 @@ from .hub import (
     _hub_repo_id,
     _markdown_table,
     _render,
+    push_model_with_card,
+    write_plain_clip,
 )
 from .saving import save_atomically
 
@@ -280,24 +282,18 @@ def push_multitask_to_hub(
     Returns:
         `huggingface_hub.CommitInfo` of the commit.
     """
-    # Rendered once before the repository exists, so invalid results fail without creating an empty repository.
-    build_multitask_model_card(model, repo_id=repo_id, results=results, tags=tags)
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = build_multitask_model_card(model, repo_id=repo_id, results=results, tags=tags)
-    with tempfile.TemporaryDirectory(prefix="hf_dawin_push_") as folder:
-        folder = Path(folder)
-        model.save_pretrained(folder, max_shard_size=max_shard_size)
-        card.save(folder / "README.md")
-        return _commit_folder(
-            api,
-            repo_id,
-            folder,
-            commit_message=commit_message or "Upload multi-task DaWin model",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
+    return push_model_with_card(
+        model,
+        repo_id,
+        lambda card_repo_id: build_multitask_model_card(model, repo_id=card_repo_id, results=results, tags=tags),
+        commit_message=commit_message or "Upload multi-task DaWin model",
+        commit_description=commit_description,
+        private=private,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        max_shard_size=max_shard_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,20 +389,8 @@ def build_merged_multitask_card(
 def _write_merged(model, method: str, merge: tuple, folder: Path, repo_id: str | None) -> None:
     """Write a merge returned by `_merge` into `folder`: CLIP weights, processor files and card."""
     merged, coefficients, task = merge
-    merged.save_pretrained(folder)
-    processor = model.processor
-    if processor is not None:
-        processor.save_pretrained(folder)
-    if processor is None or getattr(processor, "tokenizer", None) is None:
-        logger.warning(
-            "The multi-task model has no CLIP tokenizer attached, so %s contains no tokenizer files. Attach a "
-            "CLIPProcessor with model.attach_processor(...) before exporting for zero-shot pipelines.",
-            folder,
-        )
-    if model.image_processor is not None and model.image_processor is not processor:
-        model.image_processor.save_pretrained(folder)
     card = build_merged_multitask_card(model, method, task=task, coefficients=coefficients, repo_id=repo_id)
-    card.save(folder / "README.md")
+    write_plain_clip(model, merged, card, folder)
 
 
 def save_merged_multitask(model, output_dir: str | Path, method: str, *, task: str | None = None) -> Path:

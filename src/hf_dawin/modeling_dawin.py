@@ -8,6 +8,7 @@ endpoint by lambda(x) = sigmoid(H_0(x) - H_1(x)), where H_m is the entropy of en
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,8 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # (module, function) that `push_to_hub` uploads with.
+    _hub_push_function = ("hf_dawin.hub", "push_dawin_to_hub")
 
     def _init_weights(self, module):
         # The CLIP endpoints are PreTrainedModels and initialise themselves; only the heads are ours. Heads
@@ -153,6 +156,16 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
             f"model type {expected!r}. {hint}"
         )
 
+    @classmethod
+    def _load_saved_processor(cls, pretrained_model_name_or_path, kwargs: dict) -> CLIPProcessor | None:
+        """Load the processor saved beside a model that `from_pretrained` loaded with `kwargs`, if there is one."""
+        processor_kwargs = dict(kwargs)
+        if cls.__module__.startswith("transformers_modules."):
+            # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
+            # config.json, whose `auto_map` would make transformers ask for that trust again.
+            processor_kwargs["trust_remote_code"] = True
+        return _try_load_processor(pretrained_model_name_or_path, processor_kwargs)
+
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save the config, every endpoint and head (safetensors), and the processor if any.
 
@@ -180,6 +193,59 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
         if push is not None:
             self.push_to_hub(push.pop("repo_id"), **push)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        results: dict | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ):
+        """Upload the model, its processor and a DaWin model card to the Hub in one commit.
+
+        See [`hf_dawin.hub.push_dawin_to_hub`] (pairs) or [`hf_dawin.hub_multitask.push_multitask_to_hub`]
+        (multi-task models) for the arguments. `results`, the output of the model's evaluation function, adds
+        evaluation results to the card.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit.
+        """
+        # Imported by name at run time: transformers copies every relatively imported module into remote-code
+        # folders and requires every imported package to be installed, so the Hub code stays out of them. A
+        # remote-code copy without hf_dawin falls back to the generic upload.
+        module_name, function_name = self._hub_push_function
+        try:
+            push = getattr(importlib.import_module(module_name), function_name)
+        except ImportError:
+            logger.warning("hf_dawin is not installed, so the model is pushed with a generic model card.")
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                **kwargs,
+            )
+        return push(
+            self,
+            repo_id,
+            results=results,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **kwargs,
+        )
 
     def _write_files(self, folder: Path, *args, **kwargs) -> None:
         super().save_pretrained(folder, *args, **kwargs)
@@ -407,65 +473,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 f"{str(error).rstrip('.')}.{_offline_note()} Pass a folder written by DaWinCLIPModel.save_pretrained "
                 "or a Hub id reachable from this machine."
             ) from error
-        processor_kwargs = dict(kwargs)
-        if cls.__module__.startswith("transformers_modules."):
-            # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
-            # config.json, whose `auto_map` would make transformers ask for that trust again.
-            processor_kwargs["trust_remote_code"] = True
-        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, processor_kwargs))
+        model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "DaWin model", max_memory=requested_memory)
         return model
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        results: dict | None = None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **kwargs,
-    ):
-        """Upload the model, its processor and a DaWin model card to the Hub in one commit.
-
-        See [`hf_dawin.hub.push_dawin_to_hub`] for the arguments. `results`, the output of
-        `hf_dawin.evaluation.evaluate_pair`, adds evaluation results to the card.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the commit.
-        """
-        # Imported by absolute name inside `try`: transformers copies every relatively imported module into
-        # remote-code folders and requires every import outside `try` blocks to be installed, so the Hub code
-        # stays out of them. A remote-code copy without hf_dawin falls back to the generic upload.
-        try:
-            from hf_dawin.hub import push_dawin_to_hub
-        except ImportError:
-            logger.warning("hf_dawin is not installed, so the model is pushed with a generic model card.")
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                **kwargs,
-            )
-        return push_dawin_to_hub(
-            self,
-            repo_id,
-            results=results,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            **kwargs,
-        )
 
     # ------------------------------------------------------------------------------------------------------
     # Building blocks

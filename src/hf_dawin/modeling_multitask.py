@@ -45,7 +45,6 @@ from .modeling_dawin import (
     _load_processor,
     _make_head,
     _run_on_own_device,
-    _try_load_processor,
 )
 from .templates import load_templates, validate_templates
 
@@ -182,12 +181,13 @@ def _resolve_templates(templates, tasks: Mapping[str, Sequence[str]]) -> dict[st
 class DaWinMultiTaskCLIPPreTrainedModel(DaWinCLIPPreTrainedModel):
     """Base class wiring multi-task DaWin models into the transformers loading and saving machinery.
 
-    Saving, the processor and head initialisation are those of [`DaWinCLIPPreTrainedModel`].
+    Saving, Hub uploads, the processor and head initialisation are those of [`DaWinCLIPPreTrainedModel`].
     """
 
     config: DaWinMultiTaskCLIPConfig
     config_class = DaWinMultiTaskCLIPConfig
     base_model_prefix = "dawin_multitask"
+    _hub_push_function = ("hf_dawin.hub_multitask", "push_multitask_to_hub")
 
 
 class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
@@ -409,70 +409,15 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         return model.eval()
 
     # ------------------------------------------------------------------------------------------------------
-    # Saving and loading
+    # Loading
     # ------------------------------------------------------------------------------------------------------
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        results: dict | None = None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **kwargs,
-    ):
-        """Upload the model, its processor and a multi-task DaWin model card to the Hub in one commit.
-
-        See [`hf_dawin.hub_multitask.push_multitask_to_hub`] for the arguments. `results`, the output of
-        `hf_dawin.evaluation_multitask.evaluate_multitask`, adds evaluation results to the card.
-
-        Returns:
-            `huggingface_hub.CommitInfo` of the commit.
-        """
-        # Imported by absolute name inside `try`, as in `DaWinCLIPModel.push_to_hub`, so that the Hub code stays
-        # out of the remote-code files. A remote-code copy without hf_dawin falls back to the generic upload.
-        try:
-            from hf_dawin.hub_multitask import push_multitask_to_hub
-        except ImportError:
-            logger.warning("hf_dawin is not installed, so the model is pushed with a generic model card.")
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                **kwargs,
-            )
-        return push_multitask_to_hub(
-            self,
-            repo_id,
-            results=results,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            **kwargs,
-        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        processor_kwargs = dict(kwargs)
-        if cls.__module__.startswith("transformers_modules."):
-            # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
-            # config.json, whose `auto_map` would make transformers ask for that trust again.
-            processor_kwargs["trust_remote_code"] = True
-        model.attach_processor(_try_load_processor(pretrained_model_name_or_path, processor_kwargs))
+        model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         return model
 
     # ------------------------------------------------------------------------------------------------------
