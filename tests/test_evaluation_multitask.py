@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import sys
 
 import datasets
 import numpy as np
@@ -273,7 +274,40 @@ def test_command_errors_are_one_line(model, tiny_pair_dirs, tmp_path, capsys):
     assert "contains a model of type 'clip'" in capsys.readouterr().err
 
 
-def test_command_refuses_several_processes(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process"):
-        main_multitask(["--model", "m", "--task-dataset", "a=b"])
+@pytest.fixture(scope="module")
+def multitask_command(tiny_pair_dirs, tmp_path_factory):
+    """Command-line arguments of a two-task evaluation on endpoint folders and saved datasets."""
+    data = tmp_path_factory.mktemp("multitask_data")
+    # 7 and 5 examples in batches of 2: the ranks get different numbers of batches and a short last batch.
+    save_image_dataset(data / "pets", ["cat", "dog"], 7, seed=6)
+    save_image_dataset(data / "colours", ["red", "green", "blue"], 5, seed=7)
+    pretrained_dir, fine_tuned_dir = (str(path) for path in tiny_pair_dirs)
+    return [
+        "evaluate-multitask", "--pretrained", pretrained_dir, "--fine-tuned", fine_tuned_dir,
+        "--fine-tuned", pretrained_dir, "--task-dataset", f"pets={data / 'pets'}",
+        "--task-dataset", f"colours={data / 'colours'}", "--batch-size", "2",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_matches_single_process(multitask_command, tmp_path):
+    from .test_distributed import _rank_logs, _run, _torchrun
+
+    def results(directory):
+        values = json.loads((directory / "results.json").read_text())
+        values.pop("runtime_seconds")
+        values["settings"].pop("progress")
+        return values
+
+    single = _run([sys.executable, "-m", "hf_dawin.cli", *multitask_command, "--no-progress",
+                   "--output-dir", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = _run(_torchrun(tmp_path / "logs", "-m", "hf_dawin.cli", *multitask_command,
+                              "--output-dir", str(tmp_path / "multi")))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+    assert results(tmp_path / "multi") == results(tmp_path / "single")
+    assert results(tmp_path / "single")["tasks"]["pets"]["num_examples"] == 7
+    assert "Accuracy (%) per task" in _rank_logs(tmp_path / "logs", 0, "stdout")
+    assert _rank_logs(tmp_path / "logs", 1, "stdout").strip() == ""
+    assert "it/s" not in _rank_logs(tmp_path / "logs", 1, "stderr")

@@ -15,10 +15,12 @@ from safetensors.torch import load as load_safetensors
 from transformers import CLIPModel, pipeline
 
 from hf_dawin.evaluation import EvaluationSet
-from hf_dawin.evaluation_multitask import MultiTaskEvaluationSettings, evaluate_multitask
+from hf_dawin.evaluation_multitask import MultiTaskEvaluationSettings, evaluate_multitask, main_multitask
+from hf_dawin.hub import RESULTS_END_MARKER, RESULTS_START_MARKER
 from hf_dawin.hub_multitask import (
     build_multitask_model_card,
     push_merged_multitask,
+    push_multitask_results_to_hub,
     push_multitask_to_hub,
     save_merged_multitask,
 )
@@ -117,6 +119,74 @@ def test_pushed_card_metadata_and_text(fake_hub, model, results):
     assert "| DaWin (per sample) |" in text
     assert "The `model-index` metadata of this card reports DaWin (per sample)." in text
     assert 'model.config.default_task = "colours"' in text
+
+
+def test_push_results_updates_card_of_pushed_model(fake_hub, model, results):
+    push_multitask_to_hub(model, "my-org/multi-dawin")
+    push_multitask_results_to_hub("my-org/multi-dawin", results, method="task_arithmetic")
+    changed = json.loads(json.dumps(results))
+    changed["tasks"]["colours"]["scores"]["task_arithmetic"]["accuracy"] = 0.125
+    changed["summary"]["task_arithmetic"]["per_task"]["colours"] = 0.125
+
+    push_multitask_results_to_hub("my-org/multi-dawin", changed, method="task_arithmetic")
+
+    assert len(fake_hub.commits) == 3
+    assert set(fake_hub.commits[-1]["files"]) == {"README.md"}
+    card = ModelCard(fake_hub.repos["my-org/multi-dawin"]["README.md"].decode())
+    entries = model_index(card)
+    assert entries[("colours", "accuracy")] == 0.125
+    animals = results["tasks"]["animals"]["scores"]["task_arithmetic"]["accuracy"]
+    assert entries[("animals", "accuracy")] == pytest.approx(animals)
+    assert len(card.data.eval_results) == 4
+    # The card's own sections stay; the evaluation section is replaced, not appended again.
+    assert "| `animals` (default) | 4 |" in card.text
+    assert card.text.count(RESULTS_START_MARKER) == card.text.count(RESULTS_END_MARKER) == 1
+    assert "reports Task arithmetic." in card.text
+    assert "| Task arithmetic | " in card.text and "| 12.50 |" in card.text
+
+
+def test_push_results_creates_card(fake_hub, results):
+    push_multitask_results_to_hub("my-org/new-multi", results)
+
+    card = ModelCard(fake_hub.repos["my-org/new-multi"]["README.md"].decode())
+    assert card.data.pipeline_tag == "image-classification"
+    assert "multi-task" in card.data.tags
+    assert set(model_index(card)) == {(task, metric) for task in TASKS for metric in ("accuracy", "f1")}
+    assert "hf-dawin evaluate-multitask" in card.text
+
+
+def test_push_results_unknown_method_sends_nothing(fake_hub, results):
+    with pytest.raises(ValueError, match="no scores for method 'mixture'"):
+        push_multitask_results_to_hub("my-org/new-multi", results, method="mixture")
+    assert fake_hub.commits == []
+    assert "my-org/new-multi" not in fake_hub.repos
+
+
+def test_command_pushes_results(fake_hub, model, tmp_path, capsys):
+    from .test_evaluation_multitask import save_image_dataset
+
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "colours", ["red", "green", "blue"], 5, seed=4)
+
+    status = main_multitask([
+        "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}", "--no-ties",
+        "--no-progress", "--no-plots", "--output-dir", str(tmp_path / "out"), "--push-results", "my-org/evaluated",
+    ])  # fmt: skip
+
+    assert status == 0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    card = ModelCard(fake_hub.repos["my-org/evaluated"]["README.md"].decode())
+    entries = model_index(card)
+    assert entries[("colours", "accuracy")] == pytest.approx(written["tasks"]["colours"]["scores"]["dawin_sample"]["accuracy"])
+    assert entries[("colours", "f1")] == pytest.approx(written["tasks"]["colours"]["scores"]["dawin_sample"]["f1"])
+    assert not (tmp_path / "out" / "accuracy.png").exists()
+    assert "Results written into the model card of my-org/evaluated" in capsys.readouterr().out
+
+
+def test_command_push_results_offline_fails_before_running(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="offline mode is on"):
+        main_multitask(["--model", "m", "--task-dataset", "a=b", "--push-results", "my-org/evaluated"])
 
 
 def test_card_without_results_notes_absence(model):

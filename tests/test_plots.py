@@ -12,7 +12,14 @@ from scipy.stats import beta as beta_distribution
 from hf_dawin import BetaMixture, DaWinCLIPModel
 from hf_dawin.cli import main, write_results
 from hf_dawin.evaluation import EvaluationSet, EvaluationSettings, evaluate_pair
-from hf_dawin.plots import coefficient_histogram_figure, id_ood_figure, plot_coefficient_histograms, plot_id_ood
+from hf_dawin.plots import (
+    coefficient_histogram_figure,
+    id_ood_figure,
+    multitask_accuracy_figure,
+    plot_coefficient_histograms,
+    plot_id_ood,
+    plot_multitask_accuracy,
+)
 
 from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES
 
@@ -178,3 +185,38 @@ def test_write_results_without_shifts(results, tmp_path):
     assert paths["coefficient_histograms"] == tmp_path / "coefficients.png"
     assert (tmp_path / "coefficients.png").is_file()
     assert id_only["coefficients"] == results["coefficients"]
+
+
+def _multitask_results(methods):
+    tasks = {"digits": 0.5, "fashion": 0.25}
+    summary = {}
+    for offset, method in enumerate(methods):
+        per_task = {task: value + 0.05 * offset for task, value in tasks.items()}
+        summary[method] = {"per_task": per_task, "average": sum(per_task.values()) / len(per_task)}
+    return {
+        "tasks": {task: {} for task in tasks},
+        "methods": list(methods),
+        "method_labels": {method: method.replace("_", " ") for method in methods},
+        "fine_tuned_names": ["digits", "fashion"],
+        "summary": summary,
+    }
+
+
+def test_multitask_figure_draws_one_bar_per_method_and_group(tmp_path):
+    methods = ["pretrained", "fine_tuned:digits", "fine_tuned_expert", "task_arithmetic", "dawin_sample"]
+    results = _multitask_results(methods)
+
+    figure = multitask_accuracy_figure(results)
+
+    axes = figure.axes[0]
+    # Individual fine-tuned endpoints other than the expert are left to the table.
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "pretrained", "fine tuned expert", "task arithmetic", "dawin sample"
+    ]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["digits", "fashion", "Average"]
+    heights = {round(patch.get_height(), 6) for patch in axes.patches}
+    assert len(axes.patches) == 4 * 3
+    assert round(100 * results["summary"]["dawin_sample"]["average"], 6) in heights
+    assert round(100 * results["summary"]["pretrained"]["per_task"]["fashion"], 6) in heights
+    path = plot_multitask_accuracy(results, tmp_path / "figures" / "accuracy.png")
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -44,8 +44,11 @@ __all__ = [
     "EvaluationSet",
     "EvaluationSettings",
     "SetPredictions",
+    "check_labels",
     "collect_endpoint_predictions",
     "evaluate_pair",
+    "run_gathered_pass",
+    "run_weighted_pass",
     "summarize",
 ]
 
@@ -157,35 +160,94 @@ def _progress_bar(evaluation_set: EvaluationSet, description: str, progress: boo
     )
 
 
-def _empty_logits(model: DaWinCLIPModel, projection: LabelSpaceProjection | None) -> torch.Tensor:
-    """Projected logits of no examples, `(0, num_classes)`: what a rank without batches contributes."""
-    return _project(projection, torch.zeros(0, model.config.num_classes))
+def _empty_logits(num_classes: int, projection: LabelSpaceProjection | None) -> torch.Tensor:
+    """Projected logits of no examples, `(0, num_classes_of_the_set)`: what a rank without batches contributes."""
+    return _project(projection, torch.zeros(0, num_classes))
 
 
 def _default_state(state: DistributedState | None) -> DistributedState:
     return state if state is not None else get_distributed_state()
 
 
-def _ordered(
-    chunks: list[torch.Tensor], indices: list[torch.Tensor], expected: torch.Tensor | None, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate per-batch results in example order; return them with the sorted example indices.
+def _in_example_order(rows: dict[str, torch.Tensor], name: str, expected: torch.Tensor | None = None) -> dict:
+    """Sort gathered per-sample rows by their `"indices"` entry, the examples' positions in the set.
 
-    With `expected` (the indices returned by the endpoint pass), every later pass must return exactly those
-    examples, once each; otherwise the set gets no result rather than a silently partial one.
+    With `expected` (the indices returned by the endpoint pass), a later pass must return exactly those examples,
+    once each; otherwise the set gets no result rather than a silently partial one.
+
+    Returns:
+        `dict[str, torch.Tensor]`: The same keys, rows in example order; `"indices"` is sorted.
     """
-    values = torch.cat(chunks)
-    positions = torch.cat(indices).long()
+    positions = rows["indices"].long()
     order = torch.argsort(positions)
     sorted_positions = positions[order]
     repeated = sorted_positions.numel() > 1 and bool((sorted_positions[1:] == sorted_positions[:-1]).any())
     if repeated or (expected is not None and not torch.equal(sorted_positions, expected)):
-        returned = sorted_positions.numel()
+        expected_count = len(expected) if expected is not None else sorted_positions.numel()
         raise RuntimeError(
-            f"A pass over set '{name}' returned {returned} results that do not match the {len(expected) if expected is not None else returned} "
-            "examples of its endpoint pass (some are missing or repeated), so no result is written for this set."
+            f"A pass over set '{name}' returned {sorted_positions.numel()} results that do not match the "
+            f"{expected_count} examples of its endpoint pass (some are missing or repeated), so no result is written "
+            "for this set."
         )
-    return values[order], sorted_positions
+    return {key: sorted_positions if key == "indices" else value[order] for key, value in rows.items()}
+
+
+def run_gathered_pass(
+    evaluation_set: EvaluationSet,
+    description: str,
+    compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    empty: dict[str, torch.Tensor],
+    *,
+    step: str,
+    progress: bool = True,
+    state: DistributedState | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run `compute` over a set's batches and return its per-sample rows for the whole set, in example order.
+
+    In a multi-process run each rank computes its share of the batches and every rank returns the gathered rows
+    of all ranks. A failure on any rank raises `RankFailedError` on every rank.
+
+    Args:
+        evaluation_set ([`EvaluationSet`]): The set to run over.
+        description (`str`): Progress bar text, after the set's name.
+        compute (`Callable`): Called as `compute(pixel_values, labels, indices)` per batch; returns tensors with
+            one row per image of the batch, under the keys of `empty`.
+        empty (`dict[str, torch.Tensor]`): Zero-row tensors with the trailing shape and dtype of each output; a
+            rank without batches contributes them.
+        step (`str`): What the pass is, for error messages (for example "the endpoint pass over set 'id'").
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+        state ([`DistributedState`], *optional*): The processes; defaults to the current launch.
+
+    Returns:
+        `dict[str, torch.Tensor]`: Each output of `compute` with rows of every example read, plus `"indices"`,
+        the examples' sorted positions in the set. Unreadable images skipped by the batch source have no row.
+    """
+    state = _default_state(state)
+
+    def run_local_batches() -> dict[str, torch.Tensor]:
+        chunks = {name: [tensor] for name, tensor in empty.items()}
+        chunks["indices"] = [torch.zeros(0, dtype=torch.long)]
+        bar = _progress_bar(evaluation_set, description, progress, state)
+        for pixel_values, labels, indices in _local_batches(evaluation_set, state):
+            for name, value in compute(pixel_values, labels, indices).items():
+                chunks[name].append(value.cpu())
+            chunks["indices"].append(indices.cpu().long())
+            bar.update(len(indices))
+        bar.close()
+        return {name: torch.cat(values) for name, values in chunks.items()}
+
+    gathered = state.gather_rows(state.run(step, run_local_batches), step)
+    return _in_example_order(gathered, evaluation_set.name)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str, advice: str) -> None:
+    """Raise a `ValueError` listing the labels outside `0..num_classes - 1`; `where` names the set."""
+    out_of_range = labels[(labels < 0) | (labels >= num_classes)]
+    if out_of_range.numel():
+        raise ValueError(
+            f"{where} has labels {sorted(set(out_of_range.tolist()))[:10]} outside its label space of {num_classes} "
+            f"classes (valid: 0..{num_classes - 1}). {advice}"
+        )
 
 
 @torch.inference_mode()
@@ -205,91 +267,82 @@ def collect_endpoint_predictions(
         ValueError: If the set is empty or a label is outside the set's label space.
         RankFailedError: If a rank of a multi-process run failed (the message names it).
     """
-    state = _default_state(state)
     if evaluation_set.num_examples == 0:
         raise ValueError(f"Evaluation set '{evaluation_set.name}' is empty; it needs at least one example.")
+    projection = evaluation_set.projection
 
-    def run_local_batches() -> dict[str, torch.Tensor]:
-        zero_shot_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
-        bar = _progress_bar(evaluation_set, "endpoints", progress, state)
-        for pixel_values, labels, indices in _local_batches(evaluation_set, state):
-            zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
-            zero_shot_chunks.append(_project(evaluation_set.projection, zero_shot_logits).cpu())
-            fine_tuned_chunks.append(_project(evaluation_set.projection, fine_tuned_logits).cpu())
-            label_chunks.append(labels.cpu().long())
-            index_chunks.append(indices.cpu().long())
-            bar.update(len(indices))
-        bar.close()
-        empty = _empty_logits(model, evaluation_set.projection)
+    def compute(pixel_values, labels, indices):
+        zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
         return {
-            "zero_shot": torch.cat([empty, *zero_shot_chunks]),
-            "fine_tuned": torch.cat([empty, *fine_tuned_chunks]),
-            "labels": torch.cat([torch.zeros(0, dtype=torch.long), *label_chunks]),
-            "indices": torch.cat([torch.zeros(0, dtype=torch.long), *index_chunks]),
+            "zero_shot": _project(projection, zero_shot_logits),
+            "fine_tuned": _project(projection, fine_tuned_logits),
+            "labels": labels.long(),
         }
 
-    step = f"the endpoint pass over set '{evaluation_set.name}'"
-    local = state.run(step, run_local_batches)
-    gathered = state.gather_rows(local, step)
-    if gathered["indices"].numel() == 0:
+    empty_logits = _empty_logits(model.config.num_classes, projection)
+    empty = {"zero_shot": empty_logits, "fine_tuned": empty_logits, "labels": torch.zeros(0, dtype=torch.long)}
+    rows = run_gathered_pass(
+        evaluation_set, "endpoints", compute, empty,
+        step=f"the endpoint pass over set '{evaluation_set.name}'", progress=progress, state=state,
+    )  # fmt: skip
+    if rows["indices"].numel() == 0:
         raise ValueError(f"Evaluation set '{evaluation_set.name}' yielded no readable images.")
-    zero_shot_chunks, fine_tuned_chunks = [gathered["zero_shot"]], [gathered["fine_tuned"]]
-    label_chunks, index_chunks = [gathered["labels"]], [gathered["indices"]]
-
-    zero_shot_logits, kept = _ordered(zero_shot_chunks, index_chunks, None, evaluation_set.name)
     predictions = SetPredictions(
-        zero_shot_logits=zero_shot_logits,
-        fine_tuned_logits=_ordered(fine_tuned_chunks, index_chunks, kept, evaluation_set.name)[0],
-        labels=_ordered(label_chunks, index_chunks, kept, evaluation_set.name)[0],
-        indices=kept,
+        zero_shot_logits=rows["zero_shot"],
+        fine_tuned_logits=rows["fine_tuned"],
+        labels=rows["labels"],
+        indices=rows["indices"],
     )
-    num_classes = predictions.zero_shot_logits.shape[1]
-    out_of_range = predictions.labels[(predictions.labels < 0) | (predictions.labels >= num_classes)]
-    if out_of_range.numel():
-        raise ValueError(
-            f"Set '{evaluation_set.name}' has labels {sorted(set(out_of_range.tolist()))[:10]} outside its label "
-            f"space of {num_classes} classes (valid: 0..{num_classes - 1}). Check the label column and the class "
-            "names or projection of this set."
-        )
+    check_labels(
+        predictions.labels, predictions.zero_shot_logits.shape[1], f"Set '{evaluation_set.name}'",
+        "Check the label column and the class names or projection of this set.",
+    )  # fmt: skip
     return predictions
 
 
 @torch.inference_mode()
-def _run_weighted_pass(
+def run_weighted_pass(
     evaluation_set: EvaluationSet,
     expected: torch.Tensor,
     description: str,
     classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    progress: bool,
     *,
-    model: DaWinCLIPModel,
+    num_classes: int,
+    progress: bool = True,
     state: DistributedState | None = None,
 ) -> torch.Tensor:
     """Run `classify(pixel_values, rows)` over a set and return projected logits in example order.
 
-    `rows` are the batch's positions among `expected`, the examples of the endpoint pass. In a multi-process
-    run each rank classifies its share and every rank returns the gathered logits of the whole set.
+    `rows` are the batch's positions among `expected`, the examples of the endpoint pass, so that `classify` can
+    look up per-sample values such as coefficients. In a multi-process run each rank classifies its share and
+    every rank returns the gathered logits of the whole set.
+
+    Args:
+        evaluation_set ([`EvaluationSet`]): The set of the endpoint pass.
+        expected (`torch.Tensor` of shape `(num_examples,)`): Sorted indices returned by the endpoint pass.
+        description (`str`): Progress bar text.
+        classify (`Callable`): Returns logits `(batch_size, num_classes)` in the model's label space.
+        num_classes (`int`): Classes of the model's logits, before the set's projection.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+        state ([`DistributedState`], *optional*): The processes; defaults to the current launch.
+
+    Returns:
+        `torch.Tensor` of shape `(len(expected), num_classes_of_the_set)`.
+
+    Raises:
+        RuntimeError: If the pass did not return exactly the examples in `expected`.
     """
-    state = _default_state(state)
+    projection = evaluation_set.projection
 
-    def run_local_batches() -> dict[str, torch.Tensor]:
-        chunks, index_chunks = [], []
-        bar = _progress_bar(evaluation_set, description, progress, state)
-        for pixel_values, _, indices in _local_batches(evaluation_set, state):
-            rows = torch.searchsorted(expected, indices.cpu().long())
-            logits = classify(pixel_values, rows.clamp_max(expected.numel() - 1))
-            chunks.append(_project(evaluation_set.projection, logits).cpu())
-            index_chunks.append(indices.cpu().long())
-            bar.update(len(indices))
-        bar.close()
-        return {
-            "logits": torch.cat([_empty_logits(model, evaluation_set.projection), *chunks]),
-            "indices": torch.cat([torch.zeros(0, dtype=torch.long), *index_chunks]),
-        }
+    def compute(pixel_values, labels, indices):
+        rows = torch.searchsorted(expected, indices.cpu().long()).clamp_max(expected.numel() - 1)
+        return {"logits": _project(projection, classify(pixel_values, rows))}
 
-    step = f"the {description} pass over set '{evaluation_set.name}'"
-    gathered = state.gather_rows(state.run(step, run_local_batches), step)
-    return _ordered([gathered["logits"]], [gathered["indices"]], expected, evaluation_set.name)[0]
+    rows = run_gathered_pass(
+        evaluation_set, description, compute, {"logits": _empty_logits(num_classes, projection)},
+        step=f"the {description} pass over set '{evaluation_set.name}'", progress=progress, state=state,
+    )  # fmt: skip
+    return _in_example_order(rows, evaluation_set.name, expected)["logits"]
 
 
 def _fit_on_main(state: DistributedState, step: str, fit: Callable[[], dict], load: Callable[[dict], object]):
@@ -400,23 +453,23 @@ def evaluate_pair(
         info = per_set[evaluation_set.name]
         coefficients = info["coefficients"]
         expected = predictions[evaluation_set.name].indices
-        predictions[evaluation_set.name].method_logits["dawin_sample"] = _run_weighted_pass(
+        predictions[evaluation_set.name].method_logits["dawin_sample"] = run_weighted_pass(
             evaluation_set,
             expected,
             "DaWin sample",
             lambda pixel_values, indices, c=coefficients: model.interpolated_logits(pixel_values, c[indices]),
-            settings.progress,
-            model=model,
+            progress=settings.progress,
+            num_classes=model.config.num_classes,
             state=state,
         )
         mixture = info["mixture"]
-        predictions[evaluation_set.name].method_logits["dawin_mixture"] = _run_weighted_pass(
+        predictions[evaluation_set.name].method_logits["dawin_mixture"] = run_weighted_pass(
             evaluation_set,
             expected,
             "DaWin mixture",
             lambda pixel_values, indices, c=coefficients, m=mixture: model.mixture_logits(pixel_values, c[indices], m)[0],
-            settings.progress,
-            model=model,
+            progress=settings.progress,
+            num_classes=model.config.num_classes,
             state=state,
         )
         model.clear_merged_cache()
@@ -430,13 +483,13 @@ def evaluate_pair(
             if alpha in (0.0, 1.0):
                 logits = p.zero_shot_logits if alpha == 0.0 else p.fine_tuned_logits
             else:
-                logits = _run_weighted_pass(
+                logits = run_weighted_pass(
                     evaluation_set,
                     p.indices,
                     f"WiSE-FT alpha={alpha:g}",
                     lambda pixel_values, indices, a=alpha: model.static_logits(pixel_values, a),
-                    settings.progress,
-                    model=model,
+                    progress=settings.progress,
+                    num_classes=model.config.num_classes,
                     state=state,
                 )
             sweep_logits[(evaluation_set.name, alpha)] = logits

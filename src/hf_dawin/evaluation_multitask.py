@@ -16,19 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
-from .evaluation import EvaluationSet, _ordered, _project
+from .distributed import DistributedState, RankFailedError, get_distributed_state
+from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
 
@@ -95,25 +95,6 @@ class TaskPredictions:
     method_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@torch.inference_mode()
-def _run_pass(evaluation_set: EvaluationSet, expected: torch.Tensor, description: str, classify, progress: bool):
-    """Run `classify(pixel_values, rows)` over a set; `rows` index the endpoint pass's examples `expected`.
-
-    Returns:
-        `torch.Tensor` of shape `(len(expected), num_classes)`: projected logits in example order.
-    """
-    chunks, index_chunks = [], []
-    bar = tqdm(total=evaluation_set.num_examples, desc=f"{evaluation_set.name}: {description}", unit="img", disable=not progress)
-    for pixel_values, _, indices in evaluation_set.batches():
-        indices = indices.cpu().long()
-        rows = torch.searchsorted(expected, indices).clamp_max(expected.numel() - 1)
-        chunks.append(_project(evaluation_set.projection, classify(pixel_values, rows)).cpu())
-        index_chunks.append(indices)
-        bar.update(len(indices))
-    bar.close()
-    return _ordered(chunks, index_chunks, expected, evaluation_set.name)[0]
-
-
 def _method_label(method: str) -> str:
     if method.startswith(_FINE_TUNED_PREFIX):
         return f"Fine-tuned: {method[len(_FINE_TUNED_PREFIX):]}"
@@ -122,9 +103,17 @@ def _method_label(method: str) -> str:
 
 @torch.inference_mode()
 def collect_task_predictions(
-    model: DaWinMultiTaskCLIPModel, task: str, evaluation_set: EvaluationSet, *, progress: bool = True
+    model: DaWinMultiTaskCLIPModel,
+    task: str,
+    evaluation_set: EvaluationSet,
+    *,
+    progress: bool = True,
+    state: DistributedState | None = None,
 ) -> TaskPredictions:
     """Run every endpoint once over a task's set and keep their projected logits and the labels.
+
+    In a multi-process run each rank runs its share of the batches and every rank returns the gathered
+    predictions of the whole set.
 
     Args:
         model ([`DaWinMultiTaskCLIPModel`]): The endpoints and their heads.
@@ -132,44 +121,50 @@ def collect_task_predictions(
         evaluation_set ([`EvaluationSet`]): The task's images; its `projection`, if any, maps the task's classes
             to the set's label space before entropies and scores.
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+        state ([`DistributedState`], *optional*): The processes; defaults to the current launch.
 
     Returns:
         [`TaskPredictions`].
 
     Raises:
         ValueError: If the set is empty or a label is outside the set's label space.
+        RankFailedError: If a rank of a multi-process run failed (the message names it).
     """
     if evaluation_set.num_examples == 0:
         raise ValueError(f"The evaluation set of task '{task}' is empty; it needs at least one example.")
-    pretrained_chunks, fine_tuned_chunks, label_chunks, index_chunks = [], [], [], []
-    bar = tqdm(total=evaluation_set.num_examples, desc=f"{task}: endpoints", unit="img", disable=not progress)
-    for pixel_values, labels, indices in evaluation_set.batches():
-        pretrained_chunks.append(_project(evaluation_set.projection, model.pretrained_logits(pixel_values, task)).cpu())
-        fine_tuned = model.fine_tuned_logits(pixel_values, task)
-        projected = [_project(evaluation_set.projection, fine_tuned[:, index]) for index in range(fine_tuned.shape[1])]
-        fine_tuned_chunks.append(torch.stack(projected, dim=1).cpu())
-        label_chunks.append(labels.cpu().long())
-        index_chunks.append(indices.cpu().long())
-        bar.update(len(indices))
-    bar.close()
-    if not index_chunks:
-        raise ValueError(f"The evaluation set of task '{task}' yielded no readable images.")
+    projection = evaluation_set.projection
 
-    pretrained_logits, read_positions = _ordered(pretrained_chunks, index_chunks, None, evaluation_set.name)
+    def compute(pixel_values, labels, indices):
+        fine_tuned = model.fine_tuned_logits(pixel_values, task)
+        projected = [_project(projection, fine_tuned[:, index]) for index in range(fine_tuned.shape[1])]
+        return {
+            "pretrained": _project(projection, model.pretrained_logits(pixel_values, task)),
+            "fine_tuned": torch.stack(projected, dim=1),
+            "labels": labels.long(),
+        }
+
+    empty_logits = _project(projection, torch.zeros(0, model.config.num_classes(task)))
+    empty = {
+        "pretrained": empty_logits,
+        "fine_tuned": empty_logits.unsqueeze(1).expand(-1, model.num_fine_tuned, -1),
+        "labels": torch.zeros(0, dtype=torch.long),
+    }
+    rows = run_gathered_pass(
+        evaluation_set, "endpoints", compute, empty,
+        step=f"the endpoint pass over task '{task}'", progress=progress, state=state,
+    )  # fmt: skip
+    if rows["indices"].numel() == 0:
+        raise ValueError(f"The evaluation set of task '{task}' yielded no readable images.")
     predictions = TaskPredictions(
-        pretrained_logits=pretrained_logits,
-        fine_tuned_logits=_ordered(fine_tuned_chunks, index_chunks, read_positions, evaluation_set.name)[0],
-        labels=_ordered(label_chunks, index_chunks, read_positions, evaluation_set.name)[0],
-        indices=read_positions,
+        pretrained_logits=rows["pretrained"],
+        fine_tuned_logits=rows["fine_tuned"],
+        labels=rows["labels"],
+        indices=rows["indices"],
     )
-    num_classes = predictions.pretrained_logits.shape[1]
-    out_of_range = predictions.labels[(predictions.labels < 0) | (predictions.labels >= num_classes)]
-    if out_of_range.numel():
-        raise ValueError(
-            f"The set of task '{task}' has labels {sorted(set(out_of_range.tolist()))[:10]} outside its label space "
-            f"of {num_classes} classes (valid: 0..{num_classes - 1}). Check the label column and the class names "
-            "of this task."
-        )
+    check_labels(
+        predictions.labels, predictions.pretrained_logits.shape[1], f"The set of task '{task}'",
+        "Check the label column and the class names of this task.",
+    )  # fmt: skip
     return predictions
 
 
@@ -177,6 +172,8 @@ def evaluate_multitask(
     model: DaWinMultiTaskCLIPModel,
     task_sets: Mapping[str, EvaluationSet],
     settings: MultiTaskEvaluationSettings | None = None,
+    *,
+    state: DistributedState | None = None,
 ) -> dict:
     """Evaluate multi-task DaWin, the individual endpoints and static merges on each task's images.
 
@@ -190,6 +187,9 @@ def evaluate_multitask(
         task_sets (`Mapping[str, EvaluationSet]`): The evaluation set of each task, keyed by a task name of the
             model.
         settings ([`MultiTaskEvaluationSettings`], *optional*): TIES on or off, and progress bars.
+        state ([`DistributedState`], *optional*): The processes of a multi-process run; defaults to the current
+            launch. Every pass is split across the processes and its per-sample logits are gathered, so every
+            process computes the task weights and scores of a single-process run and returns the same results.
 
     Returns:
         `dict` (JSON-serialisable). `"tasks"` has, per task, the scores of every method and statistics of the
@@ -198,8 +198,10 @@ def evaluate_multitask(
 
     Raises:
         ValueError: If `task_sets` is empty, names a task the model does not have, or a set is empty.
+        RankFailedError: If a rank of a multi-process run failed (the message names it).
     """
     settings = settings or MultiTaskEvaluationSettings()
+    state = _default_state(state)
     if not task_sets:
         raise ValueError(f"task_sets is empty; pass an evaluation set for at least one of the tasks {model.config.task_names}.")
     for task in task_sets:
@@ -216,7 +218,7 @@ def evaluate_multitask(
     results_tasks = {}
     for task, evaluation_set in task_sets.items():
         # Endpoint pass: the individual models and the task weights of every image.
-        predictions = collect_task_predictions(model, task, evaluation_set, progress=settings.progress)
+        predictions = collect_task_predictions(model, task, evaluation_set, progress=settings.progress, state=state)
         task_weights, entropies = model.task_weights_from_logits(predictions.fine_tuned_logits)
         sample_coefficients = coefficients_from_task_weights(task_weights, scale)
         dataset_coefficients = coefficients_from_task_weights(task_weights.mean(dim=0), scale)
@@ -227,28 +229,25 @@ def evaluate_multitask(
             predictions.method_logits["fine_tuned_expert"] = predictions.fine_tuned_logits[:, names.index(task)]
 
         # Merged models: one pass each.
+        def merged_pass(method, classify):
+            predictions.method_logits[method] = run_weighted_pass(
+                evaluation_set, predictions.indices, _method_label(method), classify,
+                num_classes=model.config.num_classes(task), progress=settings.progress, state=state,
+            )  # fmt: skip
+
         static = {
             "weight_average": model.static_coefficients("weight_average"),
             "task_arithmetic": model.static_coefficients("task_arithmetic"),
             "dawin_dataset_mean": dataset_coefficients,
         }
         for method, coefficients in static.items():
-            predictions.method_logits[method] = _run_pass(
-                evaluation_set, predictions.indices, _method_label(method),
-                lambda pixel_values, rows, c=coefficients: model.static_logits(pixel_values, task, c),
-                settings.progress,
-            )  # fmt: skip
+            merged_pass(method, lambda pixel_values, rows, c=coefficients: model.static_logits(pixel_values, task, c))
         if settings.include_ties:
-            predictions.method_logits["ties"] = _run_pass(
-                evaluation_set, predictions.indices, _method_label("ties"),
-                lambda pixel_values, rows: model.ties_logits(pixel_values, task),
-                settings.progress,
-            )  # fmt: skip
-        predictions.method_logits["dawin_sample"] = _run_pass(
-            evaluation_set, predictions.indices, _method_label("dawin_sample"),
+            merged_pass("ties", lambda pixel_values, rows: model.ties_logits(pixel_values, task))
+        merged_pass(
+            "dawin_sample",
             lambda pixel_values, rows: model.interpolated_logits(pixel_values, task, sample_coefficients[rows]),
-            settings.progress,
-        )  # fmt: skip
+        )
         model.clear_merged_cache()
 
         # Scores.
@@ -354,6 +353,8 @@ class MultiTaskEvaluateArguments:
     cache_dir: str | None = None
     seed: int = 0
     progress: bool = True
+    plots: bool = True
+    push_results: str | None = None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -395,11 +396,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-examples", type=int, help="Evaluate at most this many examples per task.")
     parser.add_argument(
         "--output-dir", default="hf_dawin_multitask_results",
-        help="Folder for results.json and results.md (default: hf_dawin_multitask_results).",
+        help="Folder for results.json, results.md and accuracy.png (default: hf_dawin_multitask_results).",
     )  # fmt: skip
     parser.add_argument("--cache-dir", help="Cache for data and the embedded suite (default: ~/.cache/hf_dawin).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the embedded suite's training (default: 0).")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write accuracy.png.")
+    parser.add_argument(
+        "--push-results", metavar="REPO",
+        help="Write the results into the model card of this Hub repository (created if missing).",
+    )  # fmt: skip
     return parser
 
 
@@ -420,6 +426,8 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
         raise SystemExit("error: --task-dataset needs a model: --model, or --pretrained with --fine-tuned.")
     if arguments.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
+    if arguments.push_results is not None and is_offline_mode():
+        raise SystemExit("error: --push-results needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1).")
     if arguments.scale is not None and not (math.isfinite(arguments.scale) and arguments.scale > 0):
         raise SystemExit(f"error: --scale must be a positive number, received {arguments.scale}.")
     if arguments.ties_density is not None and not 0 < arguments.ties_density <= 1:
@@ -469,6 +477,7 @@ def _merge_overrides(arguments: MultiTaskEvaluateArguments) -> dict:
 
 def _custom_model(arguments: MultiTaskEvaluateArguments):
     from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
+    from .distributed import dataset_shard_batches
     from .label_spaces import projection_from_class_names
 
     datasets_by_task = {}
@@ -498,47 +507,79 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
         dataset_names = label_names(dataset, arguments.label_column)
         projection = None if dataset_names == class_names else projection_from_class_names(class_names, dataset_names)
 
-        def batches(dataset=dataset):
+        def make_batches(subset):
             return iter_image_batches(
-                dataset, model.image_processor, batch_size=arguments.batch_size,
+                subset, model.image_processor, batch_size=arguments.batch_size,
                 image_column=arguments.image_column, label_column=arguments.label_column,
             )  # fmt: skip
 
         sets[task] = EvaluationSet(
-            name=task, batches=batches, num_examples=len(dataset), in_distribution=True, projection=projection
-        )
+            name=task, batches=lambda dataset=dataset: make_batches(dataset), num_examples=len(dataset),
+            in_distribution=True, projection=projection,
+            shard_batches=dataset_shard_batches(make_batches, dataset, arguments.batch_size),
+        )  # fmt: skip
     return model, sets
 
 
-def write_multitask_results(results: dict, output_dir: Path) -> dict[str, Path]:
-    """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename)."""
+def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename).
+
+    With `plots`, also write accuracy.png: the accuracy of the merges per task and on average.
+    """
     from .cli import _write_atomically, json_ready
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
     _write_atomically(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
     _write_atomically(paths["markdown"], summarize_multitask(results, markdown=True) + "\n")
+    if plots:
+        from .plots import plot_multitask_accuracy
+
+        paths["accuracy"] = plot_multitask_accuracy(results, output_dir / "accuracy.png")
     return paths
 
 
+def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:
+    if not arguments.task_datasets:
+        return {}
+    return dict(entry.split("=", 1) for entry in arguments.task_datasets)
+
+
+def _quiet_other_ranks(arguments: MultiTaskEvaluateArguments, state: DistributedState) -> MultiTaskEvaluateArguments:
+    """On ranks other than the main process, hide progress bars and logs below errors."""
+    if state.is_main_process:
+        return arguments
+    import datasets
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    return replace(arguments, progress=False)
+
+
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
-    """Run the multi-task evaluation described by `arguments`, print the table and write the results."""
+    """Run the multi-task evaluation described by `arguments`, print the table and write the results.
+
+    Under `accelerate launch` or `torchrun` every pass is split across the processes and gathered, so the
+    results equal those of one process. The main process prints, writes the files and pushes the results.
+    """
     _check_arguments(arguments)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(
-            "error: the multi-task evaluation runs in one process; launch it without accelerate launch or torchrun "
-            "(multi-process runs are supported by `hf-dawin evaluate` for pairs)."
-        )
     torch.manual_seed(arguments.seed)
     started = time.perf_counter()
-    if arguments.model or arguments.pretrained:
-        model, sets = _custom_model(arguments)
-    else:
-        model, sets = _embedded_suite(arguments)
+    state = get_distributed_state()
+    arguments = _quiet_other_ranks(arguments, state)
+    build = _custom_model if arguments.model or arguments.pretrained else _embedded_suite
+    # The main process loads first, so downloads and the embedded suite's training fill the cache once.
+    model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
+    if state.device.type != "cpu":
+        model.to(state.device)
     settings = MultiTaskEvaluationSettings(include_ties=arguments.ties, progress=arguments.progress)
-    results = evaluate_multitask(model, sets, settings)
+    results = evaluate_multitask(model, sets, settings, state=state)
+    if not state.is_main_process:
+        return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_multitask_results(results, Path(arguments.output_dir))
+    results["dataset_sources"] = _dataset_sources(arguments)
+    paths = write_multitask_results(results, Path(arguments.output_dir), plots=arguments.plots)
     print()
     print(f"Accuracy (%) per task; s = {results['settings']['scale']:g}.")
     print(summarize_multitask(results))
@@ -548,6 +589,15 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
             print(f"{task}: {entry['num_skipped']} of {total} images could not be read and were skipped "
                   "(num_skipped in results.json).")
     print(f"\nResults written to {paths['json']} and {paths['markdown']} ({results['runtime_seconds']} s).")
+    if "accuracy" in paths:
+        print(f"Figure written to {paths['accuracy']}.")
+    if arguments.push_results:
+        from .hub_multitask import MULTITASK_MODE_METHODS, push_multitask_results_to_hub
+
+        commit = push_multitask_results_to_hub(
+            arguments.push_results, results, method=MULTITASK_MODE_METHODS[model.config.mode]
+        )
+        print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
     return results
 
 
@@ -562,9 +612,10 @@ def main_multitask(argv: Sequence[str] | None = None) -> int:
     """
     try:
         run_evaluate_multitask(parse_multitask_arguments(list(argv or [])))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RankFailedError) as error:
         # Invalid input (an unknown task, a missing column, an unreachable repository) ends the run with its
-        # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
+        # message, and so does a failed rank of a multi-process run. The traceback is logged at debug level
+        # (TRANSFORMERS_VERBOSITY=debug). Nothing is written for a failed run.
         logger.debug("hf-dawin evaluate-multitask failed.", exc_info=True)
         print(f"hf-dawin evaluate-multitask: error: {error}", file=sys.stderr)
         return 1

@@ -36,7 +36,10 @@ __all__ = [
     "method_for_mode",
     "push_dawin_to_hub",
     "push_merged_component",
+    "push_card_update",
     "push_results_to_hub",
+    "replace_card_results",
+    "results_card",
     "save_merged_components",
     "update_card_results",
 ]
@@ -452,17 +455,36 @@ def update_card_results(
         The updated `card`.
     """
     new_results = eval_results_from(results, method=method, static_alpha=static_alpha)
+    return replace_card_results(card, new_results, _results_section(results, method, None), model_name=model_name)
+
+
+def replace_card_results(
+    card: ModelCard, new_results: Sequence[EvalResult], section: str, *, model_name: str | None = None
+) -> ModelCard:
+    """Put `model-index` entries and an evaluation section into a card, replacing those of an earlier evaluation.
+
+    Entries for the same task, dataset and metric as one of `new_results` are replaced; the others stay. The text
+    between the hf-dawin evaluation markers becomes `section`, or an "Evaluation" section is appended.
+
+    Args:
+        card (`ModelCard`): The card to update in place.
+        new_results (`Sequence[EvalResult]`): The new `model-index` entries.
+        section (`str`): Evaluation text, starting and ending with the markers.
+        model_name (`str`, *optional*): Name of the `model-index` entry when the card has none.
+
+    Returns:
+        The updated `card`.
+    """
     replaced = {(result.unique_identifier, result.metric_type) for result in new_results}
     kept = [
         result
         for result in (card.data.eval_results or [])
         if (result.unique_identifier, result.metric_type) not in replaced
     ]
-    card.data.eval_results = kept + new_results
+    card.data.eval_results = kept + list(new_results)
     card.data.model_name = card.data.model_name or model_name or "model"
     card.data.metrics = sorted(set(card.data.metrics or []) | {"accuracy", "f1"})
 
-    section = _results_section(results, method, None)
     text = card.text
     start, end = text.find(RESULTS_START_MARKER), text.find(RESULTS_END_MARKER)
     if start != -1 and end > start:
@@ -651,9 +673,63 @@ def push_results_to_hub(
     Returns:
         `huggingface_hub.CommitInfo` of the commit.
     """
+
+    def new_card(repo_id: str) -> ModelCard:
+        return results_card(
+            repo_id, "Distribution-shift evaluation written by `hf-dawin evaluate`.",
+            _results_section(None, method, repo_id), CARD_TAGS,
+        )  # fmt: skip
+
+    def update(card: ModelCard, repo_id: str) -> None:
+        model_name = _default_model_name(repo_id, "model")
+        update_card_results(card, results, method=method, static_alpha=static_alpha, model_name=model_name)
+
+    return push_card_update(
+        repo_id, update, new_card, commit_message=commit_message or "Add DaWin evaluation results", token=token,
+        revision=revision, create_pr=create_pr,
+    )  # fmt: skip
+
+
+def results_card(repo_id: str, description: str, results_section: str, tags: Sequence[str]) -> ModelCard:
+    """Render the card of a repository that had none when evaluation results were pushed to it."""
+    return _render(
+        RESULTS_CARD_TEMPLATE,
+        ModelCardData(library_name="transformers", pipeline_tag="image-classification", tags=list(tags)),
+        model_name=_default_model_name(repo_id, "model"),
+        description=description,
+        results_section=results_section,
+        citation=CITATION,
+    )
+
+
+def push_card_update(
+    repo_id: str,
+    update: Callable[[ModelCard, str], None],
+    new_card: Callable[[str], ModelCard],
+    *,
+    commit_message: str,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Download a repository's model card, update it and upload it in one commit.
+
+    The repository is created if it does not exist; without a `README.md` the card starts from `new_card(repo_id)`.
+
+    Args:
+        repo_id (`str`): Repository whose card is updated.
+        update (`Callable[[ModelCard, str], None]`): Changes the card in place; gets the full repository id.
+        new_card (`Callable[[str], ModelCard]`): Builds a card for a repository without one.
+        commit_message (`str`): Commit summary.
+        token (`bool` or `str`, *optional*): Hub token; defaults to the locally saved one.
+        revision (`str`, *optional*): Branch to read the card from and commit to.
+        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+    """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    model_name = _default_model_name(repo_id, "model")
     with tempfile.TemporaryDirectory(prefix="hf_dawin_card_") as folder:
         folder = Path(folder)
         try:
@@ -662,25 +738,14 @@ def push_results_to_hub(
             logger.info("Updating the existing model card of %s.", repo_id)
         except EntryNotFoundError:
             logger.info("%s has no model card yet; writing a new one.", repo_id)
-            card = _render(
-                RESULTS_CARD_TEMPLATE,
-                ModelCardData(library_name="transformers", pipeline_tag="image-classification", tags=list(CARD_TAGS)),
-                model_name=model_name,
-                results_section=_results_section(None, method, repo_id),
-                citation=CITATION,
-            )
-        update_card_results(card, results, method=method, static_alpha=static_alpha, model_name=model_name)
+            card = new_card(repo_id)
+        update(card, repo_id)
         upload = folder / "upload"
         card.save(upload / "README.md")
         return _commit_folder(
-            api,
-            repo_id,
-            upload,
-            commit_message=commit_message or "Add DaWin evaluation results",
-            commit_description=None,
-            revision=revision,
+            api, repo_id, upload, commit_message=commit_message, commit_description=None, revision=revision,
             create_pr=create_pr,
-        )
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

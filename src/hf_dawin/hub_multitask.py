@@ -2,8 +2,9 @@
 
 `push_multitask_to_hub` uploads a [`DaWinMultiTaskCLIPModel`] (config, all endpoints, the heads of every task,
 the fitted dataset-mean task weights and the processor) with a model card rendered from `model_cards/`, in one
-commit. `save_merged_multitask` and `push_merged_multitask` export one static merge (task arithmetic, weight
-averaging, DaWin's dataset-mean merge of a task, or TIES-merging) as an ordinary `CLIPModel` repository.
+commit. `push_multitask_results_to_hub` writes a multi-task evaluation into a repository's card.
+`save_merged_multitask` and `push_merged_multitask` export one static merge (task arithmetic, weight averaging,
+DaWin's dataset-mean merge of a task, or TIES-merging) as an ordinary `CLIPModel` repository.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from .evaluation_multitask import summarize_multitask
 from .hub import (
     CITATION,
     MODEL_CARDS_DIR,
+    RESULTS_END_MARKER,
+    RESULTS_START_MARKER,
     _commit_folder,
     _default_model_name,
     _describe_source,
     _hub_repo_id,
     _markdown_table,
     _render,
+    push_card_update,
     push_model_with_card,
+    replace_card_results,
+    results_card,
     write_plain_clip,
 )
 from .saving import save_atomically
@@ -39,8 +45,10 @@ __all__ = [
     "build_multitask_model_card",
     "multitask_eval_results",
     "push_merged_multitask",
+    "push_multitask_results_to_hub",
     "push_multitask_to_hub",
     "save_merged_multitask",
+    "update_multitask_card_results",
 ]
 
 MULTITASK_CARD_TEMPLATE = MODEL_CARDS_DIR / "multitask_model_card.md"
@@ -186,21 +194,94 @@ def multitask_eval_results(results: Mapping, method: str) -> list[EvalResult]:
 
 
 def _results_section(results: Mapping | None, method: str, repo_id: str | None) -> str:
+    """Render the evaluation section, between the markers that `update_multitask_card_results` replaces."""
     if results is None:
-        return (
+        body = (
             "No evaluation results were given when this card was written. `hf-dawin evaluate-multitask --model "
-            f"{repo_id or 'MODEL'} ...` evaluates the model on each task's images."
+            f"{repo_id or 'MODEL'} --task-dataset TASK=SOURCE ... --push-results {repo_id or 'REPO'}` adds them here."
         )
-    rows = [(task, entry["num_examples"], entry["num_classes"]) for task, entry in results["tasks"].items()]
-    label = results["method_labels"].get(method, method)
-    return "\n\n".join(
-        [
-            _markdown_table(("Task", "Images", "Classes"), rows),
-            "Accuracy (%) of DaWin, the individual endpoints and static merges, per task and averaged over tasks:",
-            summarize_multitask(dict(results), markdown=True),
-            f"The `model-index` metadata of this card reports {label}.",
+    else:
+        rows = [
+            (task, entry["num_examples"], entry.get("num_skipped", 0), entry["num_classes"])
+            for task, entry in results["tasks"].items()
         ]
-    )
+        label = results["method_labels"].get(method, method)
+        body = "\n\n".join(
+            [
+                _markdown_table(("Task", "Images", "Skipped (unreadable)", "Classes"), rows),
+                "Accuracy (%) of DaWin, the individual endpoints and static merges, per task and averaged over tasks:",
+                summarize_multitask(dict(results), markdown=True),
+                f"The `model-index` metadata of this card reports {label}.",
+            ]
+        )
+    return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
+
+
+def update_multitask_card_results(
+    card: ModelCard, results: Mapping, *, method: str = "dawin_sample", model_name: str | None = None
+) -> ModelCard:
+    """Write a multi-task evaluation into an existing card: `model-index` entries per task and the evaluation text.
+
+    Entries of the card for the same task, dataset and metric are replaced; the others stay.
+
+    Args:
+        card (`ModelCard`): The card to update in place.
+        results (`Mapping`): Output of `hf_dawin.evaluation_multitask.evaluate_multitask`.
+        method (`str`, *optional*, defaults to `"dawin_sample"`): Method reported in `model-index`.
+        model_name (`str`, *optional*): Name of the `model-index` entry when the card has none.
+
+    Returns:
+        The updated `card`.
+    """
+    new_results = multitask_eval_results(results, method)
+    return replace_card_results(card, new_results, _results_section(results, method, None), model_name=model_name)
+
+
+def push_multitask_results_to_hub(
+    repo_id: str,
+    results: Mapping,
+    *,
+    method: str = "dawin_sample",
+    commit_message: str | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Write a multi-task evaluation into a Hub repository's model card and upload it in one commit.
+
+    The existing `README.md` is updated with [`update_multitask_card_results`]; a repository without a card gets
+    a new one. The repository is created if it does not exist.
+
+    Args:
+        repo_id (`str`): Repository whose card receives the results.
+        results (`Mapping`): Output of `hf_dawin.evaluation_multitask.evaluate_multitask`.
+        method (`str`, *optional*, defaults to `"dawin_sample"`): Method reported in `model-index`.
+        commit_message (`str`, *optional*): Commit summary.
+        token (`bool` or `str`, *optional*): Hub token; defaults to the locally saved one.
+        revision (`str`, *optional*): Branch to read the card from and commit to.
+        create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing directly.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+
+    Raises:
+        ValueError: If `method` has no scores in `results`.
+    """
+    multitask_eval_results(results, method)  # checks `method` before anything is sent
+
+    def new_card(repo_id: str) -> ModelCard:
+        return results_card(
+            repo_id, "Multi-task evaluation written by `hf-dawin evaluate-multitask`.",
+            _results_section(None, method, repo_id), MULTITASK_CARD_TAGS,
+        )  # fmt: skip
+
+    def update(card: ModelCard, repo_id: str) -> None:
+        update_multitask_card_results(card, results, method=method, model_name=_default_model_name(repo_id, "model"))
+
+    return push_card_update(
+        repo_id, update, new_card, commit_message=commit_message or "Add multi-task DaWin evaluation results",
+        token=token, revision=revision, create_pr=create_pr,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

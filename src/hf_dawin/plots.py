@@ -1,6 +1,6 @@
-"""Figures of a distribution-shift evaluation: ID against OOD accuracy, and coefficient histograms.
+"""Figures of an evaluation: ID against OOD accuracy, coefficient histograms, and multi-task accuracy per task.
 
-Both functions draw on `matplotlib.figure.Figure` with the Agg canvas and never touch pyplot's global state, so
+The functions draw on `matplotlib.figure.Figure` with the Agg canvas and never touch pyplot's global state, so
 they work on machines without a display and leave the caller's backend unchanged.
 """
 
@@ -21,7 +21,14 @@ from .mixture import BetaMixture
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["coefficient_histogram_figure", "id_ood_figure", "plot_coefficient_histograms", "plot_id_ood"]
+__all__ = [
+    "coefficient_histogram_figure",
+    "id_ood_figure",
+    "multitask_accuracy_figure",
+    "plot_coefficient_histograms",
+    "plot_id_ood",
+    "plot_multitask_accuracy",
+]
 
 # Methods drawn as single points on the ID-OOD plane: (method key, label, marker, colour).
 _POINT_METHODS = (
@@ -32,6 +39,16 @@ _POINT_METHODS = (
     ("dawin_sample", "DaWin (sample)", "*", "#d62728"),
 )
 _SWEEP_COLOR = "#1f77b4"
+# Multi-task methods drawn as bars, in order; the other fine-tuned endpoints stay in the table only.
+_MULTITASK_BARS = (
+    ("pretrained", "#9e9e9e"),
+    ("fine_tuned_expert", "#000000"),
+    ("weight_average", "#8c6d31"),
+    ("task_arithmetic", "#1f77b4"),
+    ("ties", "#9467bd"),
+    ("dawin_dataset_mean", "#ff7f0e"),
+    ("dawin_sample", "#d62728"),
+)
 _DPI = 150
 _HISTOGRAM_BINS = 40
 _DENSITY_POINTS = 2001
@@ -212,4 +229,43 @@ def coefficient_histogram_figure(results: Mapping, coefficients: Mapping[str, Se
 
     for index in range(len(names), rows * columns):
         panels[index // columns][index % columns].set_visible(False)
+    return figure
+
+
+def plot_multitask_accuracy(results: Mapping, path: str | Path) -> Path:
+    """Plot a multi-task evaluation as grouped bars: accuracy of each method per task and averaged over tasks.
+
+    The bars are the pre-trained endpoint, the expert (the fine-tuned endpoint of each task, when every task has
+    one), weight averaging, task arithmetic, TIES-merging and DaWin's two modes, as far as the evaluation has them.
+
+    Args:
+        results (`Mapping`): Output of `hf_dawin.evaluation_multitask.evaluate_multitask`.
+        path (`str` or `Path`): PNG file to write; parent folders are created.
+
+    Returns:
+        `Path` of the written file.
+    """
+    return _save(multitask_accuracy_figure(results), path)
+
+
+def multitask_accuracy_figure(results: Mapping) -> Figure:
+    """Draw the figure of [`plot_multitask_accuracy`], with accuracies in percent, and return it without saving."""
+    tasks = list(results["tasks"])
+    groups = [*tasks, "Average"]
+    bars = [(method, color) for method, color in _MULTITASK_BARS if method in results["methods"]]
+    width = 0.8 / max(len(bars), 1)
+
+    figure = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2.0), 4.8))
+    axes = figure.add_subplot()
+    for position, (method, color) in enumerate(bars):
+        summary = results["summary"][method]
+        values = [_percent(summary["per_task"][task]) for task in tasks] + [_percent(summary["average"])]
+        offsets = np.arange(len(groups)) - 0.4 + width * (position + 0.5)
+        axes.bar(offsets, values, width=width * 0.92, color=color, label=results["method_labels"][method])
+    axes.set_xticks(np.arange(len(groups)), groups)
+    axes.set_ylabel("Accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"Accuracy per task, merging {len(results['fine_tuned_names'])} fine-tuned endpoints", fontsize=10)
+    axes.grid(True, axis="y", linestyle=":", linewidth=0.6)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
     return figure
