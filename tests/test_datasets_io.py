@@ -148,6 +148,13 @@ def test_missing_image_column_lists_columns(tmp_path):
         load_evaluation_dataset(tmp_path / "saved", image_column="img")
 
 
+def test_empty_saved_dataset_rejected(tmp_path):
+    _bytes_dataset([], []).save_to_disk(tmp_path / "saved")
+
+    with pytest.raises(ValueError, match=r"saved dataset at .*saved has no rows"):
+        load_evaluation_dataset(tmp_path / "saved")
+
+
 def test_missing_label_column_lists_columns(tmp_path):
     _bytes_dataset([_png_bytes(_noise((8, 8), 0))], [0]).save_to_disk(tmp_path / "saved")
 

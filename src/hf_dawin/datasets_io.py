@@ -9,6 +9,7 @@ to RGB and downscales very large images before the image processor runs.
 
 import dataclasses
 import io
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -150,7 +151,16 @@ def _load_local(path: Path, split: str | None, cache_dir: str | None) -> dataset
 
     is_saved_dataset = (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
     if is_saved_dataset or (path / "dataset_dict.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except IndexError as error:
+            # datasets 5.2 raises IndexError for a saved Dataset with no rows, which has no data files.
+            if _has_no_data_files(path):
+                raise ValueError(
+                    f"The saved dataset at {path} has no rows; the evaluation needs at least one example. Save a "
+                    "dataset that contains images, or pass another folder."
+                ) from error
+            raise
         if isinstance(loaded, datasets.DatasetDict):
             return _select_split(loaded, split, str(path))
         if split is not None:
@@ -166,6 +176,15 @@ def _load_local(path: Path, split: str | None, cache_dir: str | None) -> dataset
     if isinstance(loaded, datasets.DatasetDict):
         return _select_split(loaded, None, str(path))
     return loaded
+
+
+def _has_no_data_files(path: Path) -> bool:
+    """Return whether `path` is a `save_to_disk` folder of a Dataset whose state lists no data files."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 def _load_from_hub(repo_id: str, split: str | None, cache_dir: str | None) -> datasets.Dataset:
