@@ -350,6 +350,25 @@ def test_pipeline_classifies_default_task(model):
         assert prediction["score"] == pytest.approx(expected, abs=1e-5)
 
 
+@torch.no_grad()
+def test_pipeline_task_from_model_kwargs(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path), model_kwargs={"default_task": "colours"})
+    pixels = np.random.default_rng(1).integers(0, 256, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+
+    predictions = classifier(image, top_k=3)
+
+    assert sorted(prediction["label"] for prediction in predictions) == ["blue", "green", "red"]
+    pixel_values = model.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    probabilities = model(pixel_values=pixel_values, task="colours").logits.softmax(dim=-1)[0]
+    for prediction in predictions:
+        expected = probabilities[["red", "green", "blue"].index(prediction["label"])].item()
+        assert prediction["score"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="Unknown task 'shapes'"):
+        pipeline("image-classification", model=str(tmp_path), model_kwargs={"default_task": "shapes"})
+
+
 def test_default_task_switches_labels():
     config = DaWinMultiTaskCLIPConfig(tasks=TASKS, num_fine_tuned=2)
     assert config.default_task == "animals"
