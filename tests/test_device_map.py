@@ -120,3 +120,51 @@ def test_accelerate_hooks_do_not_bypass_mixing(tiny_model, images):
     assert not torch.allclose(hooked_sample, zero_shot_logits)
     for mode, logits in _logits(tiny_model, images).items():
         torch.testing.assert_close(logits, expected[mode], msg=mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-task models load their endpoints through the same code
+# ----------------------------------------------------------------------------------------------------------
+
+MULTITASK_TASKS = {"animals": list(TINY_CLASS_NAMES), "colours": ["red", "green", "blue"]}
+
+
+def test_multitask_endpoints_share_max_memory(tiny_pair_dirs, tiny_processor):
+    from hf_dawin import DaWinMultiTaskCLIPModel
+
+    size = sum(tensor.numel() * tensor.element_size() for tensor in make_clip(0).state_dict().values())
+    endpoints = [tiny_pair_dirs[1], tiny_pair_dirs[0]]
+
+    # Room for two endpoints and a half: the pre-trained and the first fine-tuned endpoint fit.
+    with pytest.raises(ValueError, match=r"fine-tuned #1 \(b\) endpoint \(max_memory left after the pre-trained, "
+                                         r"fine-tuned #0 \(a\) endpoints\) does not fit"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            tiny_pair_dirs[0], endpoints, tasks=MULTITASK_TASKS, fine_tuned_names=["a", "b"],
+            device_map="auto", max_memory={"cpu": int(2.5 * size)},
+        )  # fmt: skip
+
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        tiny_pair_dirs[0], endpoints, tasks=MULTITASK_TASKS, device_map="auto", max_memory={"cpu": 4 * size},
+    )  # fmt: skip
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+
+
+def test_multitask_loaded_endpoints_cast_and_copied(tiny_processor, tmp_path):
+    from hf_dawin import DaWinMultiTaskCLIPModel
+
+    pretrained = make_clip(0)
+    fine_tuned = make_clip(1, base=pretrained, noise=0.3)
+
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, [fine_tuned, fine_tuned], tasks=MULTITASK_TASKS, processor=tiny_processor,
+        dtype="bfloat16", fine_tuned_names=["a", "b"],
+    )  # fmt: skip
+
+    assert {parameter.dtype for parameter in model.fine_tuned.parameters()} == {torch.bfloat16}
+    assert model.fine_tuned[0] is not model.fine_tuned[1]
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="pre-trained endpoint, which was passed in as a loaded model"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [fine_tuned], tasks=MULTITASK_TASKS, processor=tiny_processor, device_map="auto"
+        )

@@ -369,34 +369,14 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         check_alpha(alpha)
         template_list = load_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)
 
-        load_kwargs = dict(from_pretrained_kwargs)
         if dtype is not None:
-            load_kwargs["dtype"] = dtype = resolve_dtype(dtype)
+            dtype = resolve_dtype(dtype)
         endpoint_maps = split_device_map(device_map)
-        # transformers rewrites max_memory in place; keep the caller's values for error messages.
-        requested_memory = dict(load_kwargs.get("max_memory") or {})
-        loaded = {}
-        budget = requested_memory
-        for key, endpoint in (("zero_shot", zero_shot), ("fine_tuned", fine_tuned)):
-            name = key.replace("_", "-")
-            kwargs = load_kwargs if endpoint_maps[key] is None else {**load_kwargs, "device_map": endpoint_maps[key]}
-            if budget:
-                # Both endpoints share the max_memory budget: the second one gets what the first one left.
-                kwargs = {**kwargs, "max_memory": dict(budget)}
-            endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
-            limits_note = "" if key == "zero_shot" or not budget else " (max_memory left after the zero-shot endpoint)"
-            endpoint_model = prepare_endpoint(
-                endpoint_model, f"{name} endpoint{limits_note}", dtype=dtype, device_map=endpoint_maps[key],
-                max_memory=budget, loaded_here=not isinstance(endpoint, CLIPModel),
-            )
-            if budget:
-                budget = remaining_memory(requested_memory, endpoint_model)
-            loaded[key] = (endpoint_model, source)
-        (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = loaded.values()
-        if fine_tuned_model is zero_shot_model:
-            # One module in both places would share its tensors, which safetensors cannot save.
-            logger.info("The same CLIPModel was given as both endpoints; the fine-tuned endpoint is a copy of it.")
-            fine_tuned_model = copy.deepcopy(zero_shot_model)
+        (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = _load_endpoints(
+            [("zero-shot", zero_shot, endpoint_maps["zero_shot"]), ("fine-tuned", fine_tuned, endpoint_maps["fine_tuned"])],
+            dtype=dtype,
+            load_kwargs=from_pretrained_kwargs,
+        )
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
 
         if processor is None:
@@ -851,6 +831,56 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
         f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
         f"{type(endpoint).__name__}."
     )
+
+
+def _load_endpoints(
+    entries: Sequence[tuple[str, str | Path | CLIPModel, str | dict | torch.device | None]],
+    *,
+    dtype: torch.dtype | None,
+    load_kwargs: dict,
+) -> list[tuple[CLIPModel, str | None]]:
+    """Load CLIP endpoints one after another and check that each can run where it was placed.
+
+    The endpoints share the caller's `max_memory` budget: each one is loaded with what the endpoints before it
+    left. A `CLIPModel` passed in more than once is copied, because one module in two places would share its
+    tensors, which safetensors cannot save.
+
+    Args:
+        entries (`Sequence[tuple]`): `(name, endpoint, device_map)` per endpoint, for example
+            `("zero-shot", "openai/clip-vit-base-patch32", None)`. The name appears in messages.
+        dtype (`torch.dtype`, *optional*): The dtype to load or cast every endpoint to.
+        load_kwargs (`dict`): Further arguments of `CLIPModel.from_pretrained`, `max_memory` included.
+
+    Returns:
+        `list[tuple[CLIPModel, str | None]]`: Each endpoint with its Hub id or path, in the order of `entries`.
+    """
+    load_kwargs = dict(load_kwargs)
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    # transformers rewrites max_memory in place, so every load gets its own copy of the budget.
+    budget = dict(load_kwargs.get("max_memory") or {})
+    loaded: list[tuple[CLIPModel, str | None]] = []
+    for position, (name, endpoint, device_map) in enumerate(entries):
+        kwargs = load_kwargs if device_map is None else {**load_kwargs, "device_map": device_map}
+        if budget:
+            kwargs = {**kwargs, "max_memory": dict(budget)}
+        endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
+        limits_note = ""
+        if position > 0 and budget:
+            earlier = ", ".join(entry[0] for entry in entries[:position])
+            plural = "s" if position > 1 else ""
+            limits_note = f" (max_memory left after the {earlier} endpoint{plural})"
+        endpoint_model = prepare_endpoint(
+            endpoint_model, f"{name} endpoint{limits_note}", dtype=dtype, device_map=device_map,
+            max_memory=budget, loaded_here=not isinstance(endpoint, CLIPModel),
+        )  # fmt: skip
+        if budget:
+            budget = remaining_memory(budget, endpoint_model)
+        if any(endpoint_model is earlier for earlier, _ in loaded):
+            logger.info("The same CLIPModel was given again as the %s endpoint, so that endpoint is a copy.", name)
+            endpoint_model = copy.deepcopy(endpoint_model)
+        loaded.append((endpoint_model, source))
+    return loaded
 
 
 def _offline_note() -> str:

@@ -41,11 +41,12 @@ from .merging import ties_merge_state_dicts
 from .modeling_dawin import (
     CLIPImageClassifier,
     DaWinCLIPPreTrainedModel,
-    _load_endpoint,
+    _load_endpoints,
     _load_processor,
     _make_head,
     _run_on_own_device,
 )
+from .placement import resolve_dtype
 from .templates import load_templates, validate_templates
 
 
@@ -295,8 +296,10 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
                 defaults to the folder names.
             ties_density (`float`, *optional*, defaults to 0.2): Fraction of task-vector entries TIES keeps.
             ties_scale (`float`, *optional*, defaults to 1.0): Scale of the TIES-merged task vector.
-            dtype (`torch.dtype` or `str`, *optional*): Dtype to load the endpoints in.
-            device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for every endpoint.
+            dtype (`torch.dtype` or `str`, *optional*): Dtype of the endpoints (for example `torch.bfloat16`); a
+                loaded `CLIPModel` is cast in place. Entropies and task weights stay float32.
+            device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for every endpoint; the
+                endpoints share one `max_memory` budget. A loaded `CLIPModel` accepts a single device only.
             progress (`bool`, *optional*, defaults to `False`): Show progress while building zero-shot heads.
             **from_pretrained_kwargs: Further arguments of `CLIPModel.from_pretrained` (for example `revision`).
 
@@ -306,7 +309,8 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         Raises:
             ValueError: If no fine-tuned endpoint is given, a fine-tuned endpoint differs in architecture from
                 the pre-trained one (missing, extra and mismatched keys are listed), a task or its class names are
-                invalid, or a setting is invalid.
+                invalid, a setting is invalid, the dtype is not supported on an endpoint's device, or the device
+                map offloads weights to disk (the sizes are listed).
             TypeError: If `fine_tuned` is a single endpoint instead of a sequence, or an endpoint is neither a
                 path, a Hub id nor a `CLIPModel`.
         """
@@ -340,24 +344,21 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
                     f"received {names}."
                 )
 
-        load_kwargs = dict(from_pretrained_kwargs)
         if dtype is not None:
-            load_kwargs["dtype"] = dtype
-        if device_map is not None:
-            load_kwargs["device_map"] = device_map
-        pretrained_model, pretrained_source = _load_endpoint(pretrained, "pre-trained", load_kwargs)
-        pretrained_state = pretrained_model.state_dict()
-        fine_tuned_models, fine_tuned_sources = [], []
+            dtype = resolve_dtype(dtype)
+        entries = [("pre-trained", pretrained, device_map)]
         for index, (endpoint, name) in enumerate(zip(fine_tuned, names)):
-            endpoint_model, source = _load_endpoint(endpoint, f"fine-tuned #{index} ({name})", load_kwargs)
+            entries.append((f"fine-tuned #{index} ({name})", endpoint, device_map))
+        (pretrained_model, pretrained_source), *fine_tuned_loaded = _load_endpoints(
+            entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
+        )
+        pretrained_state = pretrained_model.state_dict()
+        for (endpoint_name, _, _), (endpoint_model, _) in zip(entries[1:], fine_tuned_loaded):
             check_compatible_state_dicts(
-                pretrained_state,
-                endpoint_model.state_dict(),
-                reference_name="pre-trained",
-                other_name=f"fine-tuned #{index} ({name})",
+                pretrained_state, endpoint_model.state_dict(), reference_name="pre-trained", other_name=endpoint_name
             )
-            fine_tuned_models.append(endpoint_model)
-            fine_tuned_sources.append(source)
+        fine_tuned_models = [endpoint_model for endpoint_model, _ in fine_tuned_loaded]
+        fine_tuned_sources = [source for _, source in fine_tuned_loaded]
 
         if processor is None:
             processor = _load_processor(pretrained, pretrained_model)
