@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor
 
 from hf_dawin.benchmarks import reference_pair as reference_pair_module
@@ -14,7 +13,6 @@ from hf_dawin.benchmarks.reference_pair import (
     ReferencePairSettings,
     augment_digits,
     build_reference_clip_config,
-    contrastive_loss,
     rgb_uint8_to_pixel_values,
     train_reference_pair,
 )
@@ -71,31 +69,6 @@ def test_settings_validation():
         ReferencePairSettings(zero_shot_steps=-1)
     with pytest.raises(ValueError, match="divisible"):
         ReferencePairSettings(vision_hidden_size=30, vision_num_heads=4)
-
-
-def test_contrastive_loss_matches_clip_definition():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 6, generator=generator)
-    targets = torch.arange(6)
-    expected = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    torch.testing.assert_close(contrastive_loss(logits), expected)
-    # Distinct labels leave only the diagonal as positives: the same loss.
-    torch.testing.assert_close(contrastive_loss(logits, torch.arange(6)), expected)
-
-
-def test_contrastive_loss_with_shared_labels():
-    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, -1.0], [0.5, 0.0, 1.0]])
-    labels = torch.tensor([0, 0, 1])
-    # Rows 0 and 1 have two positives each (columns 0 and 1), row 2 one positive.
-    log_rows = torch.log_softmax(logits, dim=1)
-    log_columns = torch.log_softmax(logits.T, dim=1)
-    image_to_text = -(
-        (log_rows[0, 0] + log_rows[0, 1]) / 2 + (log_rows[1, 0] + log_rows[1, 1]) / 2 + log_rows[2, 2]
-    ) / 3
-    text_to_image = -(
-        (log_columns[0, 0] + log_columns[0, 1]) / 2 + (log_columns[1, 0] + log_columns[1, 1]) / 2 + log_columns[2, 2]
-    ) / 3
-    torch.testing.assert_close(contrastive_loss(logits, labels), (image_to_text + text_to_image) / 2)
 
 
 def test_augment_digits_deterministic_and_in_range():

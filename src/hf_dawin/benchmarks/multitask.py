@@ -21,20 +21,14 @@ endpoints are task experts and their task vectors can be merged with task arithm
 import copy
 import dataclasses
 import json
-import math
 import os
-import platform
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import transformers
-from tqdm.auto import tqdm
-from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 from transformers.utils import logging
 
 from ..evaluation import EvaluationSet
@@ -42,21 +36,24 @@ from ..heads import build_zero_shot_head, encode_image_features
 from .mnist import FASHION_MNIST_CLASS_NAMES, load_fashion_mnist, load_mnist
 from .reference_pair import TRAINING_RECIPE_VERSION as REFERENCE_RECIPE_VERSION
 from .reference_pair import (
-    _MAX_LOGIT_SCALE,
-    IMAGE_MEAN,
     IMAGE_SIZE,
-    IMAGE_STD,
     ReferencePairSettings,
-    _ImageProcessorClass,
-    _replace_folder,
     augment_digits,
     build_reference_clip_config,
-    contrastive_loss,
+    build_reference_processor,
     normalise_pixels,
     rgb_uint8_to_pixel_values,
 )
 from .shifts import DIGIT_CLASS_NAMES, grey_to_rgb, sklearn_digits_as_mnist
 from .tokenizer import build_clip_tokenizer
+from .training import (
+    ContrastiveBatch,
+    final_loss,
+    save_endpoint,
+    software_versions,
+    train_contrastive_stage,
+    train_or_reuse,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -383,80 +380,24 @@ def _sample_batch(
     return grey, caption_indices, class_ids
 
 
-def _contrastive_step(
-    model: CLIPModel,
-    pixel_values: torch.Tensor,
-    caption_indices: torch.Tensor,
-    class_ids: torch.Tensor | None,
-    captions: _CaptionTable,
-) -> torch.Tensor:
-    # Run the text tower once per distinct caption in the batch, then gather the embeddings per image.
-    unique_indices, inverse = torch.unique(caption_indices, return_inverse=True)
-    text_embeds = model.get_text_features(input_ids=captions.input_ids[unique_indices]).pooler_output
-    text_embeds = F.normalize(text_embeds, dim=-1)[inverse]
-    image_embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-    return contrastive_loss(model.logit_scale.exp() * image_embeds @ text_embeds.T, class_ids)
-
-
-def _learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
-    # Linear warm-up, then cosine decay to zero.
-    warmup_steps = max(1, int(round(warmup_fraction * total_steps)))
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _build_optimizer(model: CLIPModel, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    # Biases, norms, embeddings and the logit scale are not decayed.
-    decayed, not_decayed = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.ndim < 2 or "embedding" in name or name == "logit_scale":
-            not_decayed.append(parameter)
-        else:
-            decayed.append(parameter)
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
-
-
-def _train_stage(
-    model: CLIPModel,
+def _suite_batch_sampler(
     train: dict[str, tuple[torch.Tensor, torch.Tensor]],
     tasks: tuple[str, ...],
     captions: _CaptionTable,
-    *,
-    steps: int,
-    learning_rate: float,
-    augment: bool,
     settings: MultiTaskSuiteSettings,
     generator: torch.Generator,
-    description: str,
-    progress: bool,
-) -> list[float]:
+    *,
+    augment: bool,
+) -> Callable[[], ContrastiveBatch]:
+    # The augmentations are the reference pair's, with its default settings.
     architecture = settings.architecture()
-    model.train()
-    optimizer = _build_optimizer(model, learning_rate, settings.weight_decay)
-    losses = []
-    bar = tqdm(range(steps), desc=description, disable=not progress, leave=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate * _learning_rate_factor(step, steps, settings.warmup_fraction)
 
+    def sample_batch() -> ContrastiveBatch:
         grey, caption_indices, class_ids = _sample_batch(train, tasks, captions, settings.batch_size, generator)
         rgb = augment_digits(grey, architecture, generator) if augment else grey.unsqueeze(1).expand(-1, 3, -1, -1)
-        positives = class_ids if settings.label_positives else None
-        loss = _contrastive_step(model, normalise_pixels(rgb), caption_indices, positives, captions)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+        return ContrastiveBatch(normalise_pixels(rgb), caption_indices, class_ids)
 
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    model.eval()
-    return losses
+    return sample_batch
 
 
 @torch.no_grad()
@@ -488,22 +429,8 @@ def evaluate_suite_endpoint(
     return accuracies
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _suite_dirs(folder: Path, tasks: tuple[str, ...]) -> tuple[Path, dict[str, Path]]:
     return folder / PRETRAINED_FOLDER, {task: folder / FINE_TUNED_FOLDER / task for task in tasks}
-
-
-def _is_complete_suite(folder: Path, manifest: dict | None, tasks: tuple[str, ...]) -> bool:
-    if manifest is None:
-        return False
-    pretrained_dir, fine_tuned_dirs = _suite_dirs(folder, tasks)
-    return all((path / "model.safetensors").is_file() for path in [pretrained_dir, *fine_tuned_dirs.values()])
 
 
 def _suite_cache_key(settings: MultiTaskSuiteSettings, seed: int) -> dict:
@@ -550,7 +477,8 @@ def train_multitask_suite(
         `MultiTaskSuite`: the endpoint folders and the manifest.
 
     Raises:
-        ValueError: if `output_dir` exists, is not empty and is not a multi-task suite.
+        TypeError: if `config` is not a `MultiTaskSuiteSettings`.
+        ValueError: if `output_dir` exists and is a file, or is a non-empty folder that is not a multi-task suite.
 
     Example:
 
@@ -567,35 +495,18 @@ def train_multitask_suite(
         raise TypeError(f"`config` must be a MultiTaskSuiteSettings, received {type(settings).__name__}.")
     output_path = Path(output_dir).expanduser().resolve()
 
-    # Reuse a complete suite trained with the same settings.
-    cache_key = _suite_cache_key(settings, seed)
-    existing = _read_manifest(output_path)
-    if _is_complete_suite(output_path, existing, settings.tasks) and existing.get("cache_key") == cache_key:
-        logger.info("Reusing the multi-task suite in %s", output_path)
-        return MultiTaskSuite(*_suite_dirs(output_path, settings.tasks), existing)
-    if output_path.exists() and existing is None and any(output_path.iterdir()):
-        raise ValueError(
-            f"{output_path} exists and is not a multi-task suite (no readable {MANIFEST_NAME}). Choose an empty or "
-            "new folder, or delete this one."
-        )
-
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=f".{output_path.name}-partial-"))
-    previous_threads = torch.get_num_threads()
-    try:
-        if settings.num_threads is not None:
-            torch.set_num_threads(settings.num_threads)
-        manifest = _train_suite_into(work_dir, settings, seed, cache_dir, progress)
-        manifest["cache_key"] = cache_key
-        (work_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if existing is not None:
-            logger.warning("Replacing the multi-task suite in %s, which was trained with other settings.", output_path)
-        _replace_folder(work_dir, output_path)
-    finally:
-        torch.set_num_threads(previous_threads)
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-    return MultiTaskSuite(*_suite_dirs(output_path, settings.tasks), manifest)
+    pretrained_dir, fine_tuned_dirs = _suite_dirs(output_path, settings.tasks)
+    manifest = train_or_reuse(
+        output_path,
+        lambda work_dir: _train_suite_into(work_dir, settings, seed, cache_dir, progress),
+        cache_key=_suite_cache_key(settings, seed),
+        manifest_name=MANIFEST_NAME,
+        endpoint_folders=[str(path.relative_to(output_path)) for path in [pretrained_dir, *fine_tuned_dirs.values()]],
+        kind="multi-task suite",
+        num_threads=settings.num_threads,
+        progress=progress,
+    )
+    return MultiTaskSuite(pretrained_dir, fine_tuned_dirs, manifest)
 
 
 def _train_suite_into(
@@ -616,13 +527,7 @@ def _train_suite_into(
     }  # fmt: skip
     pretrained_dir, fine_tuned_dirs = _suite_dirs(work_dir, tasks)
     tokenizer = build_clip_tokenizer(pretrained_dir, cache_dir=cache_dir, model_max_length=settings.max_text_length)
-    image_processor = _ImageProcessorClass(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = build_reference_processor(tokenizer)
     captions = _CaptionTable(tokenizer, tasks, settings.max_text_length)
     timings["data_seconds"] = time.perf_counter() - started
 
@@ -630,15 +535,22 @@ def _train_suite_into(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     pretrained = CLIPModel(build_reference_clip_config(settings.architecture()))
+    # Every stage trains the text tower at the same rate as the image tower.
+    stage_options = {
+        "weight_decay": settings.weight_decay,
+        "warmup_fraction": settings.warmup_fraction,
+        "label_positives": settings.label_positives,
+        "progress": progress,
+    }
     started = time.perf_counter()
-    pretraining_losses = _train_stage(
-        pretrained, train, tasks, captions,
-        steps=settings.pretraining_steps, learning_rate=settings.pretraining_learning_rate, augment=True,
-        settings=settings, generator=generator, description="pre-training on all tasks", progress=progress,
+    pretraining_losses = train_contrastive_stage(
+        pretrained, _suite_batch_sampler(train, tasks, captions, settings, generator, augment=True),
+        captions.input_ids,
+        steps=settings.pretraining_steps, learning_rate=settings.pretraining_learning_rate, **stage_options,
+        description="pre-training on all tasks",
     )  # fmt: skip
     timings["pretraining_seconds"] = time.perf_counter() - started
-    pretrained.save_pretrained(pretrained_dir, safe_serialization=True)
-    processor.save_pretrained(pretrained_dir)
+    save_endpoint(pretrained, processor, pretrained_dir)
 
     # Stage 2: from the pre-trained weights, the same objective on one task's clean images per endpoint.
     fine_tuning_losses = {}
@@ -649,15 +561,14 @@ def _train_suite_into(
         torch.manual_seed(task_seed)
         model = copy.deepcopy(pretrained)
         started = time.perf_counter()
-        fine_tuning_losses[task] = _train_stage(
-            model, train, (task,), captions,
-            steps=settings.fine_tuning_steps, learning_rate=settings.fine_tuning_learning_rate, augment=False,
-            settings=settings, generator=task_generator,
-            description=f"fine-tuning on {task} ({task_index}/{len(tasks)})", progress=progress,
+        fine_tuning_losses[task] = train_contrastive_stage(
+            model, _suite_batch_sampler(train, (task,), captions, settings, task_generator, augment=False),
+            captions.input_ids,
+            steps=settings.fine_tuning_steps, learning_rate=settings.fine_tuning_learning_rate, **stage_options,
+            description=f"fine-tuning on {task} ({task_index}/{len(tasks)})",
         )  # fmt: skip
         timings[f"fine_tuning_{task}_seconds"] = time.perf_counter() - started
-        model.save_pretrained(fine_tuned_dirs[task], safe_serialization=True)
-        processor.save_pretrained(fine_tuned_dirs[task])
+        save_endpoint(model, processor, fine_tuned_dirs[task])
 
     # Evaluate every endpoint on every task with zero-shot heads from its own text tower.
     started = time.perf_counter()
@@ -672,9 +583,6 @@ def _train_suite_into(
     logger.info("pre-trained accuracy: %s", accuracy["pretrained"])
     for task, values in accuracy["fine_tuned"].items():
         logger.info("fine-tuned on %s accuracy: %s", task, values)
-
-    def final_loss(losses: list[float]) -> float | None:
-        return float(np.mean(losses[-20:])) if losses else None
 
     return {
         "description": (
@@ -694,12 +602,7 @@ def _train_suite_into(
         },
         "eval_examples_per_task": {task: len(labels) for task, (_, labels) in test_sets.items()},
         "accuracy": accuracy,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": software_versions(),
         "num_threads": torch.get_num_threads(),
     }
 

@@ -17,28 +17,31 @@ the rotated, inverted and coloured shifts, but gains on the noisy and scikit-lea
 interpolation between the two endpoints addresses exactly this trade-off.
 """
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import platform
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.utils import logging
 
 from .mnist import load_mnist
 from .shifts import DIGIT_CLASS_NAMES, random_colour_pairs, shift_suite_arrays
 from .tokenizer import CLIP_BOS_TOKEN_ID, CLIP_EOS_TOKEN_ID, CLIP_PAD_TOKEN_ID, CLIP_VOCAB_SIZE, build_clip_tokenizer
+from .training import (
+    ContrastiveBatch,
+    contrastive_loss,
+    final_loss,
+    save_endpoint,
+    software_versions,
+    train_contrastive_stage,
+    train_or_reuse,
+)
 
 
 try:
@@ -72,8 +75,6 @@ TRAINING_RECIPE_VERSION = 1
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 IMAGE_SIZE = 28
-# CLIP clamps the learned temperature so that exp(logit_scale) never exceeds 100.
-_MAX_LOGIT_SCALE = math.log(100.0)
 _EVAL_BATCH_SIZE = 1000
 
 
@@ -258,6 +259,25 @@ def build_reference_clip_config(settings: ReferencePairSettings) -> CLIPConfig:
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=settings.projection_dim)
 
 
+def build_reference_processor(tokenizer: CLIPTokenizer) -> CLIPProcessor:
+    """Build the `CLIPProcessor` of the embedded benchmarks' endpoints: 28x28 images, normalised as in training.
+
+    Args:
+        tokenizer (`CLIPTokenizer`): the endpoints' tokenizer.
+
+    Returns:
+        `CLIPProcessor`: its image processor keeps 28x28 images at their size and applies `IMAGE_MEAN` and
+        `IMAGE_STD`, so it outputs the pixel values of `rgb_uint8_to_pixel_values`.
+    """
+    image_processor = _ImageProcessorClass(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
     """Map RGB intensities in [0, 1] to model inputs with `IMAGE_MEAN` and `IMAGE_STD`.
 
@@ -360,100 +380,19 @@ def _tokenize_captions(tokenizer: CLIPTokenizer, max_length: int) -> torch.Tenso
     return input_ids
 
 
-def _learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
-    # Linear warm-up, then cosine decay to zero.
-    warmup_steps = max(1, int(round(warmup_fraction * total_steps)))
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _build_optimizer(model: CLIPModel, learning_rate: float, settings: ReferencePairSettings) -> torch.optim.AdamW:
-    # Four groups: text or not, decayed or not. Each group keeps its peak rate in "peak_lr" for the schedule.
-    groups = {}
-    for name, parameter in model.named_parameters():
-        is_text = name.startswith(("text_model.", "text_projection."))
-        is_decayed = parameter.ndim >= 2 and "embedding" not in name and name != "logit_scale"
-        group = groups.setdefault(
-            (is_text, is_decayed),
-            {
-                "params": [],
-                "weight_decay": settings.weight_decay if is_decayed else 0.0,
-                "peak_lr": learning_rate * (settings.text_learning_rate_factor if is_text else 1.0),
-            },
-        )
-        group["params"].append(parameter)
-    return torch.optim.AdamW(list(groups.values()), lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
-
-
-def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Compute the symmetric image-text InfoNCE loss.
-
-    Without `labels` this is CLIP's loss: the i-th image and the i-th caption are the only positive pair.
-    With `labels`, every image-caption pair that shows the same class is a positive, and each row's target is
-    uniform over its positives (as in UniCL, Yang et al., 2022).
-
-    Args:
-        logits (`torch.Tensor`): float of shape `(batch_size, batch_size)`, scaled image-caption similarities
-            with images as rows.
-        labels (`torch.Tensor`, *optional*): int64 of shape `(batch_size,)`, the class of each pair.
-
-    Returns:
-        `torch.Tensor`: the scalar loss, the mean of the image-to-text and text-to-image cross-entropies.
-    """
-    if labels is None:
-        targets = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
-    # The positive mask is symmetric, so its row-normalised form serves both directions.
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return (image_to_text + text_to_image) / 2
-
-
-def _contrastive_step(
-    model: CLIPModel,
-    pixel_values: torch.Tensor,
-    labels: torch.Tensor,
-    caption_indices: torch.Tensor,
-    caption_ids: torch.Tensor,
-    label_positives: bool,
-) -> torch.Tensor:
-    # Run the text tower once per distinct caption in the batch, then gather the embeddings per image.
-    unique_indices, inverse = torch.unique(caption_indices, return_inverse=True)
-    text_embeds = model.get_text_features(input_ids=caption_ids[unique_indices]).pooler_output
-    text_embeds = F.normalize(text_embeds, dim=-1)[inverse]
-    image_embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-
-    logits = model.logit_scale.exp() * image_embeds @ text_embeds.T
-    return contrastive_loss(logits, labels if label_positives else None)
-
-
-def _train_stage(
-    model: CLIPModel,
+def _mnist_batch_sampler(
     images: torch.Tensor,
     labels: torch.Tensor,
-    caption_ids: torch.Tensor,
-    *,
-    steps: int,
-    learning_rate: float,
-    augment: bool,
     settings: ReferencePairSettings,
     generator: torch.Generator,
-    description: str,
-    progress: bool,
-) -> list[float]:
-    model.train()
-    optimizer = _build_optimizer(model, learning_rate, settings)
+    *,
+    augment: bool,
+) -> Callable[[], ContrastiveBatch]:
+    # Each call draws images with replacement, augments them when asked, and pairs each with a random template
+    # of its digit. The order of the draws from `generator` fixes the trained weights of a seed.
     num_templates = len(DIGIT_TEMPLATES)
-    losses = []
-    bar = tqdm(range(steps), desc=description, disable=not progress, leave=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * _learning_rate_factor(step, steps, settings.warmup_fraction)
 
+    def sample_batch() -> ContrastiveBatch:
         batch = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
         grey = images[batch].float() / 255.0
         if augment:
@@ -462,21 +401,9 @@ def _train_stage(
             rgb = grey.unsqueeze(1).expand(-1, 3, -1, -1)
         templates = torch.randint(0, num_templates, (settings.batch_size,), generator=generator)
         caption_indices = labels[batch] * num_templates + templates
+        return ContrastiveBatch(normalise_pixels(rgb), caption_indices, labels[batch])
 
-        loss = _contrastive_step(
-            model, normalise_pixels(rgb), labels[batch], caption_indices, caption_ids, settings.label_positives
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
-
-        losses.append(loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    model.eval()
-    return losses
+    return sample_batch
 
 
 @torch.no_grad()
@@ -546,62 +473,6 @@ def evaluate_endpoint(
     return accuracies
 
 
-def _save_endpoint(model: CLIPModel, processor: CLIPProcessor, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete_pair(folder: Path, manifest: dict | None) -> bool:
-    if manifest is None:
-        return False
-    endpoints = (ZERO_SHOT_FOLDER, FINE_TUNED_FOLDER)
-    return all((folder / endpoint / "model.safetensors").is_file() for endpoint in endpoints)
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    # Move an older pair aside first, so the target is never a mix of two pairs.
-    if target.exists():
-        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
-        os.replace(target, retired / target.name)
-        os.replace(source, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(source, target)
-
-
-@contextlib.contextmanager
-def _transformers_progress_bars(enabled: bool):
-    # transformers shows its own bars when saving and loading weights; follow the caller's `progress` choice.
-    was_enabled = logging.is_progress_bar_enabled()
-    if enabled:
-        logging.enable_progress_bar()
-    else:
-        logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
-        else:
-            logging.disable_progress_bar()
-
-
-def _make_partial_folder(output_path: Path) -> Path:
-    work_dir = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=f".{output_path.name}-partial-"))
-    # mkdtemp creates the folder readable by its owner only; give the pair the usual permissions instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work_dir, 0o777 & ~umask)
-    return work_dir
-
-
 def _pair_cache_key(settings: ReferencePairSettings, seed: int) -> dict:
     return {"recipe_version": TRAINING_RECIPE_VERSION, "seed": seed, "settings": settings.to_dict()}
 
@@ -639,7 +510,8 @@ def train_reference_pair(
         `ReferencePair`: the two endpoint folders and the manifest.
 
     Raises:
-        ValueError: if `output_dir` exists, is not empty and is not a reference pair.
+        TypeError: if `config` is not a `ReferencePairSettings`.
+        ValueError: if `output_dir` exists and is a file, or is a non-empty folder that is not a reference pair.
 
     Example:
 
@@ -657,35 +529,16 @@ def train_reference_pair(
         raise TypeError(f"`config` must be a ReferencePairSettings, received {type(settings).__name__}.")
     output_path = Path(output_dir).expanduser().resolve()
 
-    # Reuse a complete pair trained with the same settings.
-    cache_key = _pair_cache_key(settings, seed)
-    existing = _read_manifest(output_path)
-    if _is_complete_pair(output_path, existing) and existing.get("cache_key") == cache_key:
-        logger.info("Reusing the reference pair in %s", output_path)
-        return ReferencePair(output_path / ZERO_SHOT_FOLDER, output_path / FINE_TUNED_FOLDER, existing)
-    if output_path.exists() and existing is None and any(output_path.iterdir()):
-        raise ValueError(
-            f"{output_path} exists and is not a reference pair (no readable {MANIFEST_NAME}). Choose an empty or "
-            "new folder, or delete this one."
-        )
-
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = _make_partial_folder(output_path)
-    previous_threads = torch.get_num_threads()
-    try:
-        if settings.num_threads is not None:
-            torch.set_num_threads(settings.num_threads)
-        with _transformers_progress_bars(progress):
-            manifest = _train_pair_into(work_dir, settings, seed, cache_dir, progress)
-        manifest["cache_key"] = cache_key
-        (work_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if existing is not None:
-            logger.warning("Replacing the reference pair in %s, which was trained with other settings.", output_path)
-        _replace_folder(work_dir, output_path)
-    finally:
-        torch.set_num_threads(previous_threads)
-        shutil.rmtree(work_dir, ignore_errors=True)
-
+    manifest = train_or_reuse(
+        output_path,
+        lambda work_dir: _train_pair_into(work_dir, settings, seed, cache_dir, progress),
+        cache_key=_pair_cache_key(settings, seed),
+        manifest_name=MANIFEST_NAME,
+        endpoint_folders=(ZERO_SHOT_FOLDER, FINE_TUNED_FOLDER),
+        kind="reference pair",
+        num_threads=settings.num_threads,
+        progress=progress,
+    )
     return ReferencePair(output_path / ZERO_SHOT_FOLDER, output_path / FINE_TUNED_FOLDER, manifest)
 
 
@@ -704,39 +557,41 @@ def _train_pair_into(
     tokenizer = build_clip_tokenizer(
         work_dir / ZERO_SHOT_FOLDER, cache_dir=cache_dir, model_max_length=settings.max_text_length
     )
-    image_processor = _ImageProcessorClass(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = build_reference_processor(tokenizer)
     caption_ids = _tokenize_captions(tokenizer, settings.max_text_length)
     timings["data_seconds"] = time.perf_counter() - started
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = CLIPModel(build_reference_clip_config(settings))
+    # Both stages share the optimiser settings and the batch generator, so stage 2 continues stage 1's random stream.
+    stage_options = {
+        "weight_decay": settings.weight_decay,
+        "warmup_fraction": settings.warmup_fraction,
+        "text_learning_rate_factor": settings.text_learning_rate_factor,
+        "label_positives": settings.label_positives,
+        "progress": progress,
+    }
 
     # Stage 1: contrastive pre-training on broadly augmented digits gives the zero-shot endpoint.
     started = time.perf_counter()
-    zero_shot_losses = _train_stage(
-        model, train_images, train_labels, caption_ids,
-        steps=settings.zero_shot_steps, learning_rate=settings.zero_shot_learning_rate, augment=True,
-        settings=settings, generator=generator, description="zero-shot pre-training", progress=progress,
+    zero_shot_losses = train_contrastive_stage(
+        model, _mnist_batch_sampler(train_images, train_labels, settings, generator, augment=True), caption_ids,
+        steps=settings.zero_shot_steps, learning_rate=settings.zero_shot_learning_rate, **stage_options,
+        description="zero-shot pre-training",
     )  # fmt: skip
     timings["zero_shot_training_seconds"] = time.perf_counter() - started
-    _save_endpoint(model, processor, work_dir / ZERO_SHOT_FOLDER)
+    save_endpoint(model, processor, work_dir / ZERO_SHOT_FOLDER)
 
     # Stage 2: the same objective on clean digits, from the zero-shot weights, gives the fine-tuned endpoint.
     started = time.perf_counter()
-    fine_tuned_losses = _train_stage(
-        model, train_images, train_labels, caption_ids,
-        steps=settings.fine_tuned_steps, learning_rate=settings.fine_tuned_learning_rate, augment=False,
-        settings=settings, generator=generator, description="fine-tuning on clean MNIST", progress=progress,
+    fine_tuned_losses = train_contrastive_stage(
+        model, _mnist_batch_sampler(train_images, train_labels, settings, generator, augment=False), caption_ids,
+        steps=settings.fine_tuned_steps, learning_rate=settings.fine_tuned_learning_rate, **stage_options,
+        description="fine-tuning on clean MNIST",
     )  # fmt: skip
     timings["fine_tuned_training_seconds"] = time.perf_counter() - started
-    _save_endpoint(model, processor, work_dir / FINE_TUNED_FOLDER)
+    save_endpoint(model, processor, work_dir / FINE_TUNED_FOLDER)
 
     # Evaluate both endpoints with zero-shot heads from their own text towers.
     started = time.perf_counter()
@@ -758,17 +613,12 @@ def _train_pair_into(
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "timings": {name: round(value, 2) for name, value in timings.items()},
         "final_loss": {
-            ZERO_SHOT_FOLDER: float(np.mean(zero_shot_losses[-20:])) if zero_shot_losses else None,
-            FINE_TUNED_FOLDER: float(np.mean(fine_tuned_losses[-20:])) if fine_tuned_losses else None,
+            ZERO_SHOT_FOLDER: final_loss(zero_shot_losses),
+            FINE_TUNED_FOLDER: final_loss(fine_tuned_losses),
         },
         "eval_examples_per_set": {name: len(labels) for name, (_, labels) in eval_sets.items()},
         "accuracy": accuracy,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": software_versions(),
         "num_threads": torch.get_num_threads(),
     }
 
@@ -784,6 +634,7 @@ __all__ = [
     "ReferencePairSettings",
     "augment_digits",
     "build_reference_clip_config",
+    "build_reference_processor",
     "contrastive_loss",
     "digit_image_features",
     "digit_zero_shot_head",
