@@ -49,6 +49,23 @@ def test_split_device_map_cases():
         split_device_map({"zero_shot": "cpu", "fine_tuned": "cpu", "head": "cpu"})
 
 
+def test_misspelt_endpoint_key_rejected(tiny_pair_dirs):
+    with pytest.raises(ValueError, match=r"has keys \['zeroshot'\], which are not modules of a CLIPModel"):
+        _pair(tiny_pair_dirs, device_map={"zeroshot": "cpu"})
+    with pytest.raises(ValueError, match=r"fine-tuned endpoint has keys \['vison_model'\]"):
+        _pair(tiny_pair_dirs, device_map={"zero_shot": "cpu", "fine_tuned": {"vison_model": "cpu", "": "cpu"}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device_map", ["cuda:0", 0, {"zero_shot": "cpu", "fine_tuned": {"vision_model": "cuda:1", "": "cpu"}}])
+def test_missing_cuda_device_rejected(tiny_pair_dirs, tiny_model, tmp_path, device_map):
+    with pytest.raises(ValueError, match="but CUDA is not available in this process. Use 'cpu', 'auto'"):
+        _pair(tiny_pair_dirs, device_map=device_map)
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device_map of the DaWin model names 'cuda:0'"):
+        DaWinCLIPModel.from_pretrained(tmp_path, device_map="cuda:0")
+
+
 def test_loaded_models_take_single_device_only(tiny_processor):
     zero_shot = make_clip(0)
     fine_tuned = make_clip(1, base=zero_shot, noise=0.3)

@@ -175,6 +175,23 @@ def test_cli_rejects_malformed_alphas(capsys):
     assert "expected comma-separated numbers in [0, 1] such as 0,0.5,1, received 'a,b'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--alphas", "0,1.5,-0.1"], r"--alphas values must lie in \[0, 1\], received \[1.5, -0.1\]"),
+        (["--n-components", "0"], "--n-components must be at least 1, received 0"),
+        (["--split", "validation"], "--split is used only with your own model and datasets"),
+        (["--templates", "t.txt", "--class-names", "c.txt"], "--class-names, --templates are used only with"),
+        (["--shift-dataset", "a=b"], "--shift-dataset is used only with"),
+    ],
+)
+def test_cli_rejects_arguments_before_loading(arguments, message, tmp_path):
+    # The embedded benchmark's cache stays empty: each error comes before any training or download.
+    with pytest.raises(SystemExit, match=message):
+        main(["evaluate", *arguments, "--cache-dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "cache").exists()
+
+
 def _string_label_dataset(path, seed, labels):
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in labels]

@@ -226,6 +226,7 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
         (["--model", "m", "--task-dataset", "ab"], "expects TASK=SOURCE"),
         (["--model", "m", "--pretrained", "p", "--fine-tuned", "f", "--task-dataset", "a=b"], "not both"),
         (["--model", "m", "--task-dataset", "a=b", "--scale", "0"], "--scale must be a positive number"),
+        (["--split", "validation", "--templates", "t.txt"], "--split, --templates are used only with your own"),
     ],
 )
 def test_command_rejects_bad_arguments(argv, message):

@@ -571,6 +571,28 @@ def test_cli_push_results(fake_hub, tiny_pair_dirs, tmp_path, capsys):
     assert "my-org/evaluated" in capsys.readouterr().out
 
 
+def test_cli_push_failure_is_one_line(fake_hub, tiny_pair_dirs, tmp_path, capsys, monkeypatch):
+    # A loopback port with nothing listening: the upload's connection is refused.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed_endpoint)
+    id_dir = _image_dataset(tmp_path / "pets", 0)
+
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(id_dir), "--alphas", "0,1", "--output-dir", str(tmp_path / "out"), "--no-progress",
+        "--no-plots", "--push-results", "my-org/evaluated",
+    ])  # fmt: skip
+
+    assert exit_code == 1
+    error = capsys.readouterr().err
+    assert "hf-dawin evaluate: error: Pushing the results to my-org/evaluated failed (" in error
+    assert f"The results are saved in {tmp_path / 'out'}" in error
+    assert "Traceback" not in error
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_cli_push_results_offline_fails_before_running(tiny_pair_dirs, tmp_path):
     started = time.perf_counter()
     with pytest.raises(SystemExit, match="offline mode is on"):

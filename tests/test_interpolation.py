@@ -45,6 +45,19 @@ def test_merge_task_vectors_several_endpoints():
         merge_task_vectors(base, endpoints, [0.5])
 
 
+def test_long_key_lists_truncated():
+    reference = {f"layer.{index:02d}.weight": torch.zeros(1) for index in range(25)}
+
+    with pytest.raises(ValueError) as error:
+        check_compatible_state_dicts(reference, {}, reference_name="pre-trained", other_name="fine-tuned #0 (a)")
+
+    missing_line = next(line for line in str(error.value).splitlines() if line.startswith("Missing"))
+    assert missing_line.startswith("Missing from the fine-tuned #0 (a) endpoint (25): layer.00.weight, ")
+    assert "layer.19.weight, ... and 5 more" in missing_line
+    assert "layer.20.weight" not in missing_line
+    assert "as the pre-trained endpoint" in str(error.value)
+
+
 def test_incompatible_dtypes_reported():
     with pytest.raises(ValueError, match="Dtype mismatches"):
         check_compatible_state_dicts({"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=torch.float64)})

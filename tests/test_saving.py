@@ -1,5 +1,9 @@
 """Atomic saves: an interrupted save leaves the previous files intact and no staging folder behind."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -106,3 +110,24 @@ def test_failed_save_removes_new_folder(tmp_path):
 
     assert not target.exists()
     assert [path.name for path in (tmp_path / "new").iterdir()] == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX only")
+def test_abandoned_staging_folders_removed(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    abandoned = tmp_path / f".model.saving-{dead_pid}-abc123"
+    running = tmp_path / f".model.saving-{os.getpid()}-def456"
+    unrelated = tmp_path / ".model.saving-notapid"
+    other_target = tmp_path / f".other.saving-{dead_pid}-ghi789"
+    for folder in (abandoned, running, unrelated, other_target):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    save_atomically(tmp_path / "model", lambda folder: (folder / "config.json").write_text("{}"))
+
+    assert not abandoned.exists()
+    assert running.is_dir()
+    assert unrelated.is_dir()
+    assert other_target.is_dir()
+    assert [path.name for path in (tmp_path / "model").iterdir()] == ["config.json"]

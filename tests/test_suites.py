@@ -325,7 +325,8 @@ def _templates_file(tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--imagenet", "somewhere"], "--imagenet need --suite imagenet"),
+        (["--imagenet", "somewhere"], "--imagenet needs --suite imagenet"),
+        (["--imagenet", "a", "--objectnet", "b"], "--imagenet, --objectnet need --suite imagenet"),
         (["--suite", "imagenet"], "--suite imagenet needs --imagenet"),
         (["--suite", "imagenet", "--imagenet", "x", "--id-dataset", "y"], "drop --id-dataset"),
     ],
@@ -422,6 +423,32 @@ def test_cli_shift_labels_outside_model_classes(suite_root, tiny_pair_dirs, tmp_
 
     assert "'zebra'" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_integer_labels_in_shift_sets(tiny_pair_dirs, tmp_path, capsys):
+    from .conftest import TINY_CLASS_NAMES
+
+    class_names = tmp_path / "classes.txt"
+    class_names.write_text("\n".join(TINY_CLASS_NAMES) + "\n")
+    integers = datasets.Value("int64")
+    id_dataset = saved_dataset(tmp_path / "id", None, [0, 1, 2, 3, 1], label_feature=integers)
+    shifted = saved_dataset(tmp_path / "shift", None, [3, 2, 1, 0], label_feature=integers)
+    arguments = [
+        *pair_arguments(tiny_pair_dirs), "--class-names", str(class_names), "--id-dataset", str(id_dataset),
+        "--alphas", "0,1", "--no-progress", "--no-plots",
+    ]
+
+    exit_code = main(["evaluate", *arguments, "--shift-dataset", f"ints={shifted}", "--output-dir", str(tmp_path / "out")])
+
+    assert exit_code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["sets"]["ints"]["num_examples"] == 4
+    assert results["sets"]["ints"]["num_classes"] == len(TINY_CLASS_NAMES)
+    out_of_range = saved_dataset(tmp_path / "out_of_range", None, [0, 9], label_feature=integers)
+    error = run_cli_error([
+        *arguments, "--shift-dataset", f"bad={out_of_range}", "--output-dir", str(tmp_path / "out2"),
+    ], capsys)  # fmt: skip
+    assert "outside the valid range [0, 3]: 9" in error
 
 
 def test_cli_integer_labels_out_of_range(suite_root, tiny_pair_dirs, tmp_path, capsys):

@@ -8,6 +8,7 @@ trained by this project (not OpenAI CLIP weights).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--push-results",
         metavar="REPO",
-        help="After the run, write the results into the model card of this Hub repository (one commit).",
+        help=(
+            "After the run, write the results into the model card of this Hub repository in one commit; the "
+            "repository is created if it does not exist."
+        ),
     )
     _add_suite_arguments(evaluate)
     return parser
@@ -203,7 +208,8 @@ def _check_suite_arguments(arguments: EvaluateArguments, pair_given: bool) -> No
     if arguments.suite is None:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise SystemExit(f"error: {flags} need --suite imagenet.")
+            verb = "needs" if len(given) == 1 else "need"
+            raise SystemExit(f"error: {flags} {verb} --suite imagenet.")
         return
     if not (pair_given or arguments.model):
         raise SystemExit("error: --suite needs a model: --model or --zero-shot with --fine-tuned.")
@@ -295,13 +301,46 @@ def _push_results(arguments: EvaluateArguments, model, results: dict) -> None:
     from .hub import method_for_mode, push_results_to_hub
 
     method = method_for_mode(model.config)
-    commit = push_results_to_hub(
-        arguments.push_results,
-        {key: value for key, value in results.items() if key != "coefficients"},
-        method=method,
-        static_alpha=model.config.alpha if method is None else None,
-    )
+    with push_failure_as_error(arguments.push_results, arguments.output_dir):
+        commit = push_results_to_hub(
+            arguments.push_results,
+            {key: value for key, value in results.items() if key != "coefficients"},
+            method=method,
+            static_alpha=model.config.alpha if method is None else None,
+        )
     print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
+
+
+@contextlib.contextmanager
+def push_failure_as_error(repo_id: str, output_dir: str):
+    """Turn any failure of a results upload into an `OSError` that names the repository and the local results.
+
+    The command then ends with a one-line message instead of a traceback from the HTTP client.
+    """
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - network and Hub errors have no common base class
+        logger.debug("Pushing the results to %s failed.", repo_id, exc_info=True)
+        raise OSError(
+            f"Pushing the results to {repo_id} failed ({type(error).__name__}: {error}). The results are saved in "
+            f"{output_dir}; check the connection, HF_ENDPOINT and your token, then run again with --push-results."
+        ) from error
+
+
+# Options of `evaluate` that only custom models and datasets read: argument name to flag.
+_EMBEDDED_IGNORED = {
+    "split": "--split",
+    "image_column": "--image-column",
+    "label_column": "--label-column",
+    "class_names": "--class-names",
+    "templates": "--templates",
+    "shift_datasets": "--shift-dataset",
+}
+
+
+def _changed_options(arguments, defaults, flags: Mapping[str, str]) -> list[str]:
+    """Return the flags of the arguments in `flags` whose values differ from `defaults`."""
+    return [flag for name, flag in flags.items() if getattr(arguments, name) != getattr(defaults, name)]
 
 
 def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
@@ -331,6 +370,19 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
         raise SystemExit("error: --id-dataset needs a model: --model or --zero-shot with --fine-tuned.")
     if arguments.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
+    invalid_alphas = [alpha for alpha in arguments.alphas if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0)]
+    if invalid_alphas:
+        raise SystemExit(f"error: --alphas values must lie in [0, 1], received {invalid_alphas}.")
+    if arguments.n_components < 1:
+        raise SystemExit(f"error: --n-components must be at least 1, received {arguments.n_components}.")
+    if not (pair_given or arguments.model or arguments.suite):
+        ignored = _changed_options(arguments, EvaluateArguments(), _EMBEDDED_IGNORED)
+        if ignored:
+            verb = "is" if len(ignored) == 1 else "are"
+            raise SystemExit(
+                f"error: {', '.join(ignored)} {verb} used only with your own model and datasets, not by the embedded "
+                "benchmark. Pass --zero-shot with --fine-tuned (or --model) and --id-dataset, or drop the option."
+            )
     output_dir = Path(arguments.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
@@ -445,12 +497,16 @@ def _custom_benchmark(arguments: EvaluateArguments):
             label_column=arguments.label_column, max_examples=arguments.max_examples,
         )
         dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column, source)
-        projection = projection_for_dataset(
-            class_names,
-            label_names(dataset, arguments.label_column),
-            reference_label_names=id_names,
-            model_wordnet_ids=wordnet_ids,
-        )
+        # Integer labels without class names are the model's class indices, as for the ID set; the endpoint pass
+        # rejects values outside 0..num_classes - 1.
+        projection = None
+        if _has_class_names(dataset, arguments):
+            projection = projection_for_dataset(
+                class_names,
+                label_names(dataset, arguments.label_column),
+                reference_label_names=id_names,
+                model_wordnet_ids=wordnet_ids,
+            )
         sets.append(
             _with_shards(
                 build_evaluation_set(
@@ -550,10 +606,8 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
     started = time.perf_counter()
     # Under `accelerate launch` or `torchrun`: one rank each, the main process logs, prints and writes files.
     state = get_distributed_state()
+    state.quiet_other_processes()
     if not state.is_main_process:
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        datasets.disable_progress_bars()
         arguments = dataclasses.replace(arguments, progress=False)
     if arguments.suite:
         build = _suite_benchmark

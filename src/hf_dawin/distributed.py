@@ -17,6 +17,7 @@ written.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "DatasetShards",
     "DistributedState",
     "RankFailedError",
+    "RowRangeShards",
     "dataset_shard_batches",
     "get_distributed_state",
 ]
@@ -248,21 +250,48 @@ class DistributedState:
         if self.is_distributed:
             self.accelerator.wait_for_everyone()
 
+    def quiet_other_processes(self) -> None:
+        """On every process but the main one, hide progress bars and log only errors.
 
-class DatasetShards:
-    """The `shard_batches` of an evaluation set read from a `datasets.Dataset` (see `dataset_shard_batches`)."""
+        This covers the transformers and datasets loggers and hf_dawin's own, which Python's root logger prints
+        (for example the warning about skipped images, whose counts are local to each process).
+        """
+        if self.is_main_process:
+            return
+        import datasets
+        from transformers.utils import logging as transformers_logging
 
-    def __init__(self, make_batches: Callable[[object], Iterable[Batch]], dataset, batch_size: int):
-        self.make_batches = make_batches
-        self.dataset = dataset
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        pylogging.getLogger(__name__.split(".")[0]).setLevel(pylogging.ERROR)
+
+
+class RowRangeShards:
+    """The `shard_batches` of an evaluation set that can read the batches of any contiguous range of its rows.
+
+    The set's batch positions are split with `DistributedState.split`, and each process reads the rows of its
+    block of whole batches, so every batch is the same as in a single-process run.
+
+    Args:
+        read_rows (`Callable[[range], Iterable[Batch]]`): Yields the `(pixel_values, labels, indices)` batches of
+            the given rows, in batches of `batch_size` starting at the range's first row, with `indices` that are
+            rows of the whole set.
+        num_rows (`int`): Rows in the whole set.
+        batch_size (`int`): Images per batch.
+    """
+
+    def __init__(self, read_rows: Callable[[range], Iterable[Batch]], num_rows: int, batch_size: int):
+        self.read_rows = read_rows
+        self.num_rows = num_rows
         self.batch_size = batch_size
 
     def rows(self, state: DistributedState) -> range:
-        """Return the rows of the dataset that `state`'s process reads: whole batches of a contiguous block."""
-        positions = state.split(range(math.ceil(len(self.dataset) / self.batch_size)))
+        """Return the rows that `state`'s process reads: whole batches of a contiguous block."""
+        positions = state.split(range(math.ceil(self.num_rows / self.batch_size)))
         if len(positions) == 0:
             return range(0)
-        return range(positions[0] * self.batch_size, min((positions[-1] + 1) * self.batch_size, len(self.dataset)))
+        return range(positions[0] * self.batch_size, min((positions[-1] + 1) * self.batch_size, self.num_rows))
 
     def num_examples(self, state: DistributedState) -> int:
         """Count the examples that `state`'s process reads, for its progress bar."""
@@ -272,6 +301,18 @@ class DatasetShards:
         rows = self.rows(state)
         if len(rows) == 0:
             return
+        yield from self.read_rows(rows)
+
+
+class DatasetShards(RowRangeShards):
+    """The `shard_batches` of an evaluation set read from a `datasets.Dataset` (see `dataset_shard_batches`)."""
+
+    def __init__(self, make_batches: Callable[[object], Iterable[Batch]], dataset, batch_size: int):
+        super().__init__(self._read_dataset_rows, len(dataset), batch_size)
+        self.make_batches = make_batches
+        self.dataset = dataset
+
+    def _read_dataset_rows(self, rows: range) -> Iterator[Batch]:
         for pixel_values, labels, indices in self.make_batches(self.dataset.select(rows)):
             yield pixel_values, labels, indices + rows.start
 

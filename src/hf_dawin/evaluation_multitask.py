@@ -59,6 +59,13 @@ METHOD_LABELS = {
     "dawin_sample": "DaWin (per sample)",
 }
 _FINE_TUNED_PREFIX = "fine_tuned:"
+# Options that only custom endpoints and datasets read: argument name to flag.
+_EMBEDDED_IGNORED = {
+    "split": "--split",
+    "image_column": "--image-column",
+    "label_column": "--label-column",
+    "templates": "--templates",
+}
 
 
 @dataclass
@@ -404,7 +411,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write accuracy.png.")
     parser.add_argument(
         "--push-results", metavar="REPO",
-        help="Write the results into the model card of this Hub repository (created if missing).",
+        help="Write the results into the model card of this Hub repository (created if it does not exist).",
     )  # fmt: skip
     return parser
 
@@ -435,6 +442,17 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
     for entry in arguments.task_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
+    if not (endpoints_given or arguments.model):
+        from .cli import _changed_options
+
+        ignored = _changed_options(arguments, MultiTaskEvaluateArguments(), _EMBEDDED_IGNORED)
+        if ignored:
+            verb = "is" if len(ignored) == 1 else "are"
+            raise SystemExit(
+                f"error: {', '.join(ignored)} {verb} used only with your own endpoints and datasets, not by the "
+                "embedded suite. Pass --pretrained with --fine-tuned (or --model) and --task-dataset, or drop the "
+                "option."
+            )
     output_dir = Path(arguments.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
@@ -545,18 +563,6 @@ def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in arguments.task_datasets)
 
 
-def _quiet_other_ranks(arguments: MultiTaskEvaluateArguments, state: DistributedState) -> MultiTaskEvaluateArguments:
-    """On ranks other than the main process, hide progress bars and logs below errors."""
-    if state.is_main_process:
-        return arguments
-    import datasets
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    return replace(arguments, progress=False)
-
-
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     """Run the multi-task evaluation described by `arguments`, print the table and write the results.
 
@@ -567,7 +573,9 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     torch.manual_seed(arguments.seed)
     started = time.perf_counter()
     state = get_distributed_state()
-    arguments = _quiet_other_ranks(arguments, state)
+    state.quiet_other_processes()
+    if not state.is_main_process:
+        arguments = replace(arguments, progress=False)
     build = _custom_model if arguments.model or arguments.pretrained else _embedded_suite
     # The main process loads first, so downloads and the embedded suite's training fill the cache once.
     model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
@@ -592,11 +600,13 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     if "accuracy" in paths:
         print(f"Figure written to {paths['accuracy']}.")
     if arguments.push_results:
+        from .cli import push_failure_as_error
         from .hub_multitask import MULTITASK_MODE_METHODS, push_multitask_results_to_hub
 
-        commit = push_multitask_results_to_hub(
-            arguments.push_results, results, method=MULTITASK_MODE_METHODS[model.config.mode]
-        )
+        with push_failure_as_error(arguments.push_results, arguments.output_dir):
+            commit = push_multitask_results_to_hub(
+                arguments.push_results, results, method=MULTITASK_MODE_METHODS[model.config.mode]
+            )
         print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
     return results
 

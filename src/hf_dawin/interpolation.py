@@ -41,10 +41,19 @@ __all__ = [
     "merge_task_vectors",
 ]
 
+# Keys listed per kind of difference in an architecture mismatch; the rest are counted.
+_MAX_LISTED_KEYS = 20
 
 # ----------------------------------------------------------------------------------------------------------
 # Static merges
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _listed(items: Sequence[str], separator: str) -> str:
+    """Join the first `_MAX_LISTED_KEYS` items and count the rest, so a message about a large model stays readable."""
+    shown = separator.join(items[:_MAX_LISTED_KEYS])
+    hidden = len(items) - _MAX_LISTED_KEYS
+    return shown if hidden <= 0 else f"{shown}{separator}... and {hidden} more"
 
 
 def check_compatible_state_dicts(
@@ -87,22 +96,22 @@ def check_compatible_state_dicts(
         "cannot be interpolated."
     ]
     if missing:
-        lines.append(f"Missing from the {other_name} endpoint ({len(missing)}): {', '.join(missing)}")
+        lines.append(f"Missing from the {other_name} endpoint ({len(missing)}): {_listed(missing, ', ')}")
     if extra:
-        lines.append(f"Extra in the {other_name} endpoint ({len(extra)}): {', '.join(extra)}")
+        lines.append(f"Extra in the {other_name} endpoint ({len(extra)}): {_listed(extra, ', ')}")
     if shape_differences:
         lines.append(
             f"Shape mismatches ({reference_name} vs {other_name}, {len(shape_differences)}): "
-            + "; ".join(shape_differences)
+            + _listed(shape_differences, "; ")
         )
     if dtype_differences:
         lines.append(
             f"Dtype mismatches ({reference_name} vs {other_name}, {len(dtype_differences)}): "
-            + "; ".join(dtype_differences)
+            + _listed(dtype_differences, "; ")
         )
     lines.append(
-        "Use a fine-tuned checkpoint of the same CLIP architecture as the zero-shot endpoint, loaded in the "
-        "same dtype."
+        f"Use a {other_name} checkpoint of the same CLIP architecture as the {reference_name} endpoint, loaded in "
+        "the same dtype."
     )
     raise ValueError("\n".join(lines))
 

@@ -40,7 +40,15 @@ from .interpolation import (
     merge_task_vectors,
 )
 from .mixture import BetaMixture
-from .placement import check_dtype_supported, prepare_endpoint, remaining_memory, resolve_dtype, split_device_map
+from .placement import (
+    check_devices_available,
+    check_dtype_supported,
+    check_module_device_map,
+    prepare_endpoint,
+    remaining_memory,
+    resolve_dtype,
+    split_device_map,
+)
 from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates
 
@@ -444,6 +452,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         """Load a saved DaWin model and, when present beside it, its processor."""
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
+        check_devices_available(kwargs.get("device_map"), "DaWin model")
         try:
             cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -860,6 +869,9 @@ def _load_endpoints(
     # transformers rewrites max_memory in place, so every load gets its own copy of the budget.
     budget = dict(load_kwargs.get("max_memory") or {})
     loaded: list[tuple[CLIPModel, str | None]] = []
+    for name, _, device_map in entries:
+        check_module_device_map(device_map, f"{name} endpoint")
+        check_devices_available(device_map, f"{name} endpoint")
     for position, (name, endpoint, device_map) in enumerate(entries):
         kwargs = load_kwargs if device_map is None else {**load_kwargs, "device_map": device_map}
         if budget:

@@ -46,7 +46,7 @@ from .modeling_dawin import (
     _make_head,
     _run_on_own_device,
 )
-from .placement import resolve_dtype
+from .placement import check_devices_available, resolve_dtype
 from .templates import load_templates, validate_templates
 
 
@@ -417,6 +417,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
+        check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         return model

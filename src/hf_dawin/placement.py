@@ -23,6 +23,8 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "ENDPOINT_NAMES",
     "SUPPORTED_DTYPES",
+    "check_devices_available",
+    "check_module_device_map",
     "check_dtype_supported",
     "check_endpoint_in_memory",
     "check_module_precision",
@@ -32,6 +34,8 @@ __all__ = [
 ]
 
 ENDPOINT_NAMES = ("zero_shot", "fine_tuned")
+# Top-level modules of a transformers CLIPModel, the valid first parts of a device map's keys.
+CLIP_MODULES = ("vision_model", "text_model", "visual_projection", "text_projection", "logit_scale")
 
 SUPPORTED_DTYPES = {
     "float32": torch.float32,
@@ -169,7 +173,8 @@ def split_device_map(device_map: str | dict | torch.device | None) -> dict[str, 
     `{"zero_shot": "cuda:0", "fine_tuned": "cuda:1"}`); any other value is used for both endpoints.
 
     Raises:
-        ValueError: If a per-endpoint mapping names only one endpoint or other keys beside them.
+        ValueError: If a per-endpoint mapping names only one endpoint or other keys beside them, or a module map
+            has keys that are not modules of a CLIPModel.
     """
     if isinstance(device_map, dict) and set(device_map) & set(ENDPOINT_NAMES):
         if set(device_map) != set(ENDPOINT_NAMES):
@@ -177,8 +182,69 @@ def split_device_map(device_map: str | dict | torch.device | None) -> dict[str, 
                 "A per-endpoint device_map needs exactly the keys 'zero_shot' and 'fine_tuned', received "
                 f"{sorted(device_map)}. Pass one map for both endpoints, or one entry for each."
             )
-        return {name: device_map[name] for name in ENDPOINT_NAMES}
-    return {name: device_map for name in ENDPOINT_NAMES}
+        maps = {name: device_map[name] for name in ENDPOINT_NAMES}
+    else:
+        maps = {name: device_map for name in ENDPOINT_NAMES}
+    for name, endpoint_map in maps.items():
+        check_module_device_map(endpoint_map, f"{name.replace('_', '-')} endpoint")
+    return maps
+
+
+def check_module_device_map(device_map, name: str) -> None:
+    """Raise if a module-to-device map has keys that are not modules of a CLIPModel, such as a misspelt endpoint.
+
+    Args:
+        device_map: The map of one endpoint; only mappings are checked.
+        name (`str`): What is being placed, for the message, for example `"zero-shot endpoint"`.
+
+    Raises:
+        ValueError: Listing the unknown keys and the CLIP modules a map may place.
+    """
+    if not isinstance(device_map, dict):
+        return
+    unknown = sorted(str(key) for key in device_map if str(key).split(".")[0] not in (*CLIP_MODULES, ""))
+    if unknown:
+        raise ValueError(
+            f"device_map of the {name} has keys {unknown}, which are not modules of a CLIPModel. A module map "
+            f"places modules such as {list(CLIP_MODULES)} (or '' for the whole model); a DaWin pair also takes "
+            "one map per endpoint, {'zero_shot': ..., 'fine_tuned': ...}."
+        )
+
+
+def _map_devices(device_map) -> list:
+    """Return the devices a device map names, or an empty list for a placement strategy such as `"auto"`."""
+    if isinstance(device_map, dict):
+        return [device for value in device_map.values() for device in _map_devices(value)]
+    if device_map is None or (isinstance(device_map, str) and device_map in _STRATEGIES):
+        return []
+    return [device_map]
+
+
+def check_devices_available(device_map, name: str) -> None:
+    """Raise if a device map names a CUDA device that this machine does not have.
+
+    Args:
+        device_map: A device, a device string, a GPU index or a module-to-device mapping.
+        name (`str`): What is being placed, for the message, for example `"zero-shot endpoint"`.
+
+    Raises:
+        ValueError: Naming the device and the CUDA devices available.
+    """
+    for device in _map_devices(device_map):
+        if str(device) in ("cpu", "disk", "meta"):
+            continue
+        try:
+            parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device_map of the {name} names {device!r}, which is not a device: {error}.") from None
+        if parsed.type != "cuda":
+            continue
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            available = f"only {count} CUDA device(s) exist" if count else "CUDA is not available in this process"
+            raise ValueError(
+                f"device_map of the {name} names {device!r}, but {available}. Use 'cpu', 'auto' or an existing device."
+            )
 
 
 def _format_bytes(count: float) -> str:

@@ -3,12 +3,14 @@
 An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
 it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
 on one filesystem. NOTE: the folder as a whole is not swapped atomically, so an interruption during these moves
-(renames, which take milliseconds) can leave some files new and others old. This module uses the standard library only, because it is copied beside saved models as
-remote code.
+(renames, which take milliseconds) can leave some files new and others old. A process killed outright leaves its
+staging folder behind; the next save into the same target removes it. This module uses the standard library
+only, because it is copied beside saved models as remote code.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -18,10 +20,35 @@ from pathlib import Path
 
 __all__ = ["is_weight_file", "pop_push_arguments", "save_atomically"]
 
+# Staging folders are named ".<target>.saving-<process id>-<random>", beside the target.
+_STAGING_MARK = ".saving-"
+
 
 def is_weight_file(name: str) -> bool:
     """Return whether a file name is a safetensors weight file or index written by `save_pretrained`."""
     return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def _process_is_gone(pid: int) -> bool:
+    """Return whether no process with this id exists on this machine (POSIX only; elsewhere always False)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Remove staging folders of earlier saves into `target` whose process no longer exists (it was killed)."""
+    prefix = f".{target.name}{_STAGING_MARK}"
+    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and _process_is_gone(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -47,7 +74,8 @@ def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], N
         raise NotADirectoryError(f"Cannot save into {target}, because it is a file. Pass a folder path.")
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    _remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
     try:
         try:
             write(staging)

@@ -117,6 +117,21 @@ def test_evaluation_sets_cover_every_example():
     with pytest.raises(ValueError, match="`max_examples` as a positive integer"):
         multitask_evaluation_sets(data, max_examples=0)
 
+    # Two processes: each reads a contiguous block of whole batches, and together they read every batch once.
+    class Rank:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def split(self, items):
+            middle = (len(items) + 1) // 2
+            return items[:middle] if self.rank == 0 else items[middle:]
+
+    shards = sets["mnist"].shard_batches
+    assert [shards.num_examples(Rank(rank)) for rank in (0, 1)] == [8, 1]
+    sharded = [batch for rank in (0, 1) for batch in shards(Rank(rank))]
+    assert [indices.tolist() for _, _, indices in sharded] == [indices.tolist() for _, _, indices in batches]
+    torch.testing.assert_close(torch.cat([values for values, _, _ in sharded]), pixel_values)
+
 
 @pytest.mark.slow
 def test_tiny_suite_end_to_end(tmp_path):

@@ -31,6 +31,7 @@ import torch
 from transformers import CLIPModel, CLIPTokenizer
 from transformers.utils import logging
 
+from ..distributed import RowRangeShards
 from ..evaluation import EvaluationSet
 from ..heads import build_zero_shot_head, encode_image_features
 from .mnist import FASHION_MNIST_CLASS_NAMES, load_fashion_mnist, load_mnist
@@ -308,13 +309,19 @@ def multitask_evaluation_sets(
         images, labels = splits["test"]
         images, labels = images[:max_examples], labels[:max_examples]
 
-        def batches(images=images, labels=labels):
-            for start in range(0, len(labels), batch_size):
-                stop = min(start + batch_size, len(labels))
+        def read_rows(rows: range, images=images, labels=labels):
+            for start in range(rows.start, rows.stop, batch_size):
+                stop = min(start + batch_size, rows.stop)
                 pixel_values = rgb_uint8_to_pixel_values(grey_to_rgb(images[start:stop]))
                 yield pixel_values, torch.from_numpy(labels[start:stop]), torch.arange(start, stop)
 
-        sets[task] = EvaluationSet(name=task, batches=batches, num_examples=len(labels), in_distribution=True)
+        sets[task] = EvaluationSet(
+            name=task,
+            batches=lambda read_rows=read_rows, count=len(labels): read_rows(range(count)),
+            num_examples=len(labels),
+            in_distribution=True,
+            shard_batches=RowRangeShards(read_rows, len(labels), batch_size),
+        )
     return sets
 
 
