@@ -26,11 +26,11 @@ TASKS = {"animals": list(TINY_CLASS_NAMES), "colours": ["red", "green", "blue"]}
 TEMPLATES = {"animals": ["a photo of a {}.", "a drawing of a {}."], "colours": ["something {}.", "the colour {}."]}
 
 
-def build_model(processor, num_fine_tuned: int = 3, **kwargs) -> DaWinMultiTaskCLIPModel:
+def build_model(processor, num_fine_tuned: int = 3, tasks=TASKS, templates=TEMPLATES, **kwargs) -> DaWinMultiTaskCLIPModel:
     pretrained = make_clip(0)
     fine_tuned = [make_clip(10 + index, base=pretrained, noise=0.3) for index in range(num_fine_tuned)]
     return DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
-        pretrained, fine_tuned, tasks=TASKS, templates=TEMPLATES, processor=processor, **kwargs
+        pretrained, fine_tuned, tasks=tasks, templates=templates, processor=processor, **kwargs
     )
 
 
@@ -325,6 +325,30 @@ def test_save_load_round_trip(model, images, tmp_path):
     loaded_state = loaded.state_dict()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded_state[key], value, atol=0, rtol=0, msg=f"{key} changed on load")
+
+
+@torch.no_grad()
+def test_round_trip_keeps_task_order(tiny_processor, images, tmp_path):
+    # config.json stores mappings with sorted keys; tasks out of alphabetical order must keep their heads.
+    tasks = {"zebra": ["stripes", "spots"], "apple": ["red", "green", "yellow"], "mango": ["ripe", "raw"]}
+    model = build_model(tiny_processor, num_fine_tuned=2, tasks=tasks, templates=None)
+    expected = {task: model(pixel_values=images, task=task).logits for task in tasks}
+    model.save_pretrained(tmp_path)
+
+    loaded = DaWinMultiTaskCLIPModel.from_pretrained(tmp_path)
+
+    assert loaded.config.task_names == ["zebra", "apple", "mango"]
+    assert loaded.config.default_task == "zebra"
+    assert loaded.config.id2label == {0: "stripes", 1: "spots"}
+    for task in tasks:
+        torch.testing.assert_close(loaded(pixel_values=images, task=task).logits, expected[task], atol=0, rtol=0)
+
+
+def test_task_order_must_name_every_task():
+    with pytest.raises(ValueError, match=r"task_order must name every task once, received \['a'\]"):
+        DaWinMultiTaskCLIPConfig(tasks={"a": ["x", "y"], "b": ["u", "v"]}, task_order=["a"], num_fine_tuned=1)
+    config = DaWinMultiTaskCLIPConfig(tasks={"a": ["x", "y"], "b": ["u", "v"]}, task_order=["b", "a"], num_fine_tuned=1)
+    assert config.task_names == ["b", "a"]
 
 
 def test_auto_classes_load_saved_model(model, tmp_path):

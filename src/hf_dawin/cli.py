@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .configuration_multitask import DaWinMultiTaskCLIPConfig
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
-from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state
+from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state, is_main_launch_process
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
 from .suites import (
     SUITES,
@@ -430,7 +430,9 @@ def _embedded_benchmark(arguments: EvaluateArguments):
     from .modeling_dawin import DaWinCLIPModel
 
     cache_dir = Path(arguments.cache_dir) if arguments.cache_dir else default_cache_dir()
-    print(f"Embedded benchmark: MNIST with shifts; data and the reference pair are cached in {cache_dir}", flush=True)
+    if is_main_launch_process():
+        print(f"Embedded benchmark: MNIST with shifts; data and the reference pair are cached in {cache_dir}",
+              flush=True)
     pair = train_reference_pair(cache_dir / f"reference_pair_seed{arguments.seed}", seed=arguments.seed, cache_dir=cache_dir, progress=arguments.progress)
     model = DaWinCLIPModel.from_pretrained_pair(
         pair.zero_shot_dir, pair.fine_tuned_dir, class_names=list(DIGIT_CLASS_NAMES), templates=list(DIGIT_TEMPLATES)

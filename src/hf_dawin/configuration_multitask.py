@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.utils import logging
@@ -75,6 +75,18 @@ def _check_tasks(tasks: Mapping[str, object]) -> dict[str, list[str]]:
     return checked
 
 
+def _order_tasks(tasks: dict[str, list[str]], task_order: Sequence[str] | None) -> dict[str, list[str]]:
+    """Return `tasks` in the order of `task_order`, which must name each task once; `None` keeps the order."""
+    if task_order is None:
+        return tasks
+    if sorted(task_order) != sorted(tasks) or len(set(task_order)) != len(task_order):
+        raise ValueError(
+            f"task_order must name every task once, received {list(task_order)} for the tasks {sorted(tasks)}. "
+            "Omit task_order to keep the order of tasks."
+        )
+    return {name: tasks[name] for name in task_order}
+
+
 class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
     r"""Configuration of a [`DaWinMultiTaskCLIPModel`]: a pre-trained CLIP, T fine-tuned CLIPs and the tasks.
 
@@ -85,6 +97,9 @@ class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
     Args:
         clip_config (`dict` or `CLIPConfig`, *optional*): Architecture shared by all endpoints.
         tasks (`dict[str, list[str]]`, *optional*): Class names of each task, in task order.
+        task_order (`list[str]`, *optional*): The task names in the order of `tasks`, which is the order of the
+            model's heads. `config.json` stores mappings with sorted keys, so the order is saved as this list and
+            restored on load; it defaults to the order of `tasks`.
         templates (`dict[str, list[str]]`, *optional*): Prompt templates the zero-shot heads of each task were
             built with.
         scale (`float`, *optional*, defaults to 0.3): Task-arithmetic scale s.
@@ -126,6 +141,7 @@ class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
 
     clip_config: dict | CLIPConfig | None = None
     tasks: dict | None = None
+    task_order: list[str] | None = None
     templates: dict | None = None
     scale: float = DEFAULT_SCALE
     mode: str = "sample"
@@ -162,7 +178,8 @@ class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
                 f"{len(self.fine_tuned_names)}: {self.fine_tuned_names}."
             )
         if self.tasks is not None:
-            self.tasks = _check_tasks(self.tasks)
+            self.tasks = _order_tasks(_check_tasks(self.tasks), self.task_order)
+            self.task_order = list(self.tasks)
             if self.default_task is None and self.tasks:
                 self.default_task = next(iter(self.tasks))
             if self.default_task is not None:

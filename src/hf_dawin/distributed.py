@@ -42,6 +42,7 @@ __all__ = [
     "RowRangeShards",
     "dataset_shard_batches",
     "get_distributed_state",
+    "is_main_launch_process",
 ]
 
 # Bytes of each rank's error message shared with the other ranks.
@@ -354,6 +355,15 @@ def _describe_existing_group() -> None:
         ("OMP_NUM_THREADS", torch.get_num_threads()),
     ):
         os.environ.setdefault(name, str(value))
+
+
+def is_main_launch_process() -> bool:
+    """Return whether this process is rank 0 of its launch (`RANK` as torchrun and accelerate set it), or alone.
+
+    Unlike `DistributedState.is_main_process`, this reads only the environment, so it also works before the
+    process group exists.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def get_distributed_state() -> DistributedState:

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
-from .distributed import DistributedState, RankFailedError, get_distributed_state
+from .distributed import DistributedState, RankFailedError, get_distributed_state, is_main_launch_process
 from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
@@ -463,11 +463,12 @@ def _embedded_suite(arguments: MultiTaskEvaluateArguments):
     from .benchmarks.multitask import load_multitask_data, multitask_evaluation_sets, train_multitask_suite
 
     cache_dir = Path(arguments.cache_dir) if arguments.cache_dir else default_cache_dir()
-    print(
-        "Embedded multi-task suite: MNIST, Fashion-MNIST and scikit-learn digits; data and the trained endpoints "
-        f"are cached in {cache_dir}",
-        flush=True,
-    )
+    if is_main_launch_process():
+        print(
+            "Embedded multi-task suite: MNIST, Fashion-MNIST and scikit-learn digits; data and the trained endpoints "
+            f"are cached in {cache_dir}",
+            flush=True,
+        )
     suite = train_multitask_suite(
         cache_dir / f"multitask_suite_seed{arguments.seed}", seed=arguments.seed, cache_dir=cache_dir,
         progress=arguments.progress,

@@ -293,8 +293,8 @@ def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | Non
         problem = f"{len(on_meta)} tensor(s) left on the meta device ({', '.join(on_meta[:5])})"
     raise ValueError(
         f"The {name} does not fit in the memory its device map allows: it needs {_format_bytes(total)} but "
-        f"{problem}; placed in memory: {in_memory}; max_memory: {limits}. DaWin reads every weight of both "
-        "endpoints, so it cannot run from disk. Raise max_memory, add a device, or load in a smaller dtype "
+        f"{problem}; placed in memory: {in_memory}; max_memory: {limits}. DaWin reads every weight of every "
+        "endpoint, so it cannot run from disk. Raise max_memory, add a device, or load in a smaller dtype "
         "(dtype=torch.bfloat16 halves the size)."
     )
 
