@@ -499,8 +499,8 @@ def _custom_benchmark(arguments: EvaluateArguments):
             label_column=arguments.label_column, max_examples=arguments.max_examples,
         )
         dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column, source)
-        # Integer labels without class names are the model's class indices, as for the ID set; the endpoint pass
-        # rejects values outside 0..num_classes - 1.
+        # Integer labels without class names are the model's class indices, as for the ID set, and
+        # build_evaluation_set rejects values outside 0..num_classes - 1.
         projection = None
         if _has_class_names(dataset, arguments):
             projection = projection_for_dataset(

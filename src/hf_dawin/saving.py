@@ -43,7 +43,11 @@ def _process_is_gone(pid: int) -> bool:
 
 
 def _remove_abandoned_staging(target: Path) -> None:
-    """Remove staging folders of earlier saves into `target` whose process no longer exists (it was killed)."""
+    """Remove staging folders of earlier saves into `target` whose process no longer exists (it was killed).
+
+    NOTE: process ids are looked up on this machine, so on a folder shared between machines a save that is still
+    running on another machine looks abandoned; do not save into one target from two machines at once.
+    """
     prefix = f".{target.name}{_STAGING_MARK}"
     for path in target.parent.glob(f"{glob.escape(prefix)}*"):
         pid = path.name[len(prefix) :].split("-", 1)[0]
