@@ -380,10 +380,12 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         if dtype is not None:
             dtype = resolve_dtype(dtype)
         endpoint_maps = split_device_map(device_map)
+        entries = [
+            ("zero-shot", zero_shot, endpoint_maps["zero_shot"]),
+            ("fine-tuned", fine_tuned, endpoint_maps["fine_tuned"]),
+        ]
         (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = _load_endpoints(
-            [("zero-shot", zero_shot, endpoint_maps["zero_shot"]), ("fine-tuned", fine_tuned, endpoint_maps["fine_tuned"])],
-            dtype=dtype,
-            load_kwargs=from_pretrained_kwargs,
+            entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
         )
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
 
@@ -879,16 +881,16 @@ def _load_endpoints(
         endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
         limits_note = ""
         if position > 0 and budget:
-            earlier = ", ".join(entry[0] for entry in entries[:position])
+            earlier_names = ", ".join(entry[0] for entry in entries[:position])
             plural = "s" if position > 1 else ""
-            limits_note = f" (max_memory left after the {earlier} endpoint{plural})"
+            limits_note = f" (max_memory left after the {earlier_names} endpoint{plural})"
         endpoint_model = prepare_endpoint(
             endpoint_model, f"{name} endpoint{limits_note}", dtype=dtype, device_map=device_map,
             max_memory=budget, loaded_here=not isinstance(endpoint, CLIPModel),
         )  # fmt: skip
         if budget:
             budget = remaining_memory(budget, endpoint_model)
-        if any(endpoint_model is earlier for earlier, _ in loaded):
+        if any(endpoint_model is loaded_model for loaded_model, _ in loaded):
             logger.info("The same CLIPModel was given again as the %s endpoint, so that endpoint is a copy.", name)
             endpoint_model = copy.deepcopy(endpoint_model)
         loaded.append((endpoint_model, source))
