@@ -142,7 +142,8 @@ def test_push_results_updates_card_of_pushed_model(fake_hub, model, results):
     assert "| `animals` (default) | 4 |" in card.text
     assert card.text.count(RESULTS_START_MARKER) == card.text.count(RESULTS_END_MARKER) == 1
     assert "reports Task arithmetic." in card.text
-    assert "| Task arithmetic | " in card.text and "| 12.50 |" in card.text
+    assert "| Task arithmetic | " in card.text
+    assert "| 12.50 |" in card.text
 
 
 def test_push_results_creates_card(fake_hub, results):

@@ -202,7 +202,7 @@ def _multitask_results(methods):
     }
 
 
-def test_multitask_figure_draws_one_bar_per_method_and_group(tmp_path):
+def test_multitask_figure_bars(tmp_path):
     methods = ["pretrained", "fine_tuned:digits", "fine_tuned_expert", "task_arithmetic", "dawin_sample"]
     results = _multitask_results(methods)
 

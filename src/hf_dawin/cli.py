@@ -338,9 +338,29 @@ _EMBEDDED_IGNORED = {
 }
 
 
-def _changed_options(arguments, defaults, flags: Mapping[str, str]) -> list[str]:
-    """Return the flags of the arguments in `flags` whose values differ from `defaults`."""
-    return [flag for name, flag in flags.items() if getattr(arguments, name) != getattr(defaults, name)]
+def reject_unused_options(
+    arguments, defaults, flags: Mapping[str, str], *, inputs: str, run: str, advice: str
+) -> None:
+    """Exit with an error if an option in `flags` differs from its default, because the run would not read it.
+
+    Args:
+        arguments: The parsed arguments.
+        defaults: The same dataclass with its default values.
+        flags (`Mapping[str, str]`): Argument name to command-line flag, for the options that `run` ignores.
+        inputs (`str`): What the options apply to, for example `"model and datasets"`.
+        run (`str`): The run that ignores them, for example `"the embedded benchmark"`.
+        advice (`str`): The arguments to pass instead.
+
+    Raises:
+        SystemExit: Naming the changed flags.
+    """
+    changed = [flag for name, flag in flags.items() if getattr(arguments, name) != getattr(defaults, name)]
+    if changed:
+        verb = "is" if len(changed) == 1 else "are"
+        raise SystemExit(
+            f"error: {', '.join(changed)} {verb} used only with your own {inputs}, not by {run}. Pass {advice}, or "
+            "drop the option."
+        )
 
 
 def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
@@ -376,13 +396,10 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
     if arguments.n_components < 1:
         raise SystemExit(f"error: --n-components must be at least 1, received {arguments.n_components}.")
     if not (pair_given or arguments.model or arguments.suite):
-        ignored = _changed_options(arguments, EvaluateArguments(), _EMBEDDED_IGNORED)
-        if ignored:
-            verb = "is" if len(ignored) == 1 else "are"
-            raise SystemExit(
-                f"error: {', '.join(ignored)} {verb} used only with your own model and datasets, not by the embedded "
-                "benchmark. Pass --zero-shot with --fine-tuned (or --model) and --id-dataset, or drop the option."
-            )
+        reject_unused_options(
+            arguments, EvaluateArguments(), _EMBEDDED_IGNORED, inputs="model and datasets",
+            run="the embedded benchmark", advice="--zero-shot with --fine-tuned (or --model) and --id-dataset",
+        )  # fmt: skip
     output_dir = Path(arguments.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")

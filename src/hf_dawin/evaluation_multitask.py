@@ -443,16 +443,12 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
         if "=" not in entry:
             raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
     if not (endpoints_given or arguments.model):
-        from .cli import _changed_options
+        from .cli import reject_unused_options
 
-        ignored = _changed_options(arguments, MultiTaskEvaluateArguments(), _EMBEDDED_IGNORED)
-        if ignored:
-            verb = "is" if len(ignored) == 1 else "are"
-            raise SystemExit(
-                f"error: {', '.join(ignored)} {verb} used only with your own endpoints and datasets, not by the "
-                "embedded suite. Pass --pretrained with --fine-tuned (or --model) and --task-dataset, or drop the "
-                "option."
-            )
+        reject_unused_options(
+            arguments, MultiTaskEvaluateArguments(), _EMBEDDED_IGNORED, inputs="endpoints and datasets",
+            run="the embedded suite", advice="--pretrained with --fine-tuned (or --model) and --task-dataset",
+        )  # fmt: skip
     output_dir = Path(arguments.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
@@ -543,7 +539,7 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
 def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
     """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename).
 
-    With `plots`, also write accuracy.png: the accuracy of the merges per task and on average.
+    With `plots`, also write accuracy.png, the bar chart of `hf_dawin.plots.plot_multitask_accuracy`.
     """
     from .cli import _write_atomically, json_ready
 

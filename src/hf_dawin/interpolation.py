@@ -51,9 +51,9 @@ _MAX_LISTED_KEYS = 20
 
 def _listed(items: Sequence[str], separator: str) -> str:
     """Join the first `_MAX_LISTED_KEYS` items and count the rest, so a message about a large model stays readable."""
-    shown = separator.join(items[:_MAX_LISTED_KEYS])
+    listed = separator.join(items[:_MAX_LISTED_KEYS])
     hidden = len(items) - _MAX_LISTED_KEYS
-    return shown if hidden <= 0 else f"{shown}{separator}... and {hidden} more"
+    return listed if hidden <= 0 else f"{listed}{separator}... and {hidden} more"
 
 
 def check_compatible_state_dicts(

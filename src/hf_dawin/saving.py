@@ -46,7 +46,7 @@ def _remove_abandoned_staging(target: Path) -> None:
     """Remove staging folders of earlier saves into `target` whose process no longer exists (it was killed).
 
     NOTE: process ids are looked up on this machine, so on a folder shared between machines a save that is still
-    running on another machine looks abandoned; do not save into one target from two machines at once.
+    running on another machine looks abandoned. Do not save into one target from two machines at once.
     """
     prefix = f".{target.name}{_STAGING_MARK}"
     for path in target.parent.glob(f"{glob.escape(prefix)}*"):

@@ -2,8 +2,9 @@
 
 The reference pair (`reference_pair.py`) and the multi-task suite (`multitask.py`) train `CLIPModel`s the same
 way and differ only in their data. This module contains what they share: the learning-rate schedule, the AdamW
-parameter groups, one symmetric InfoNCE step, the stage loop (which takes a batch-sampling callable), and the
-folder handling that trains into a temporary sibling folder and reuses a cached run whose manifest matches.
+parameter groups, one symmetric InfoNCE step and the stage loop, which takes a batch-sampling callable. It also
+contains the folder handling, which trains into a temporary sibling folder and reuses a cached run whose
+manifest matches.
 """
 
 import contextlib
@@ -359,9 +360,10 @@ def train_or_reuse(
     """Train endpoints into `output_path`, or reuse the folder when it contains the same training run.
 
     A folder is reused when its manifest's `"cache_key"` equals `cache_key` and every endpoint folder contains
-    `model.safetensors`. Otherwise `train_into` runs in a temporary sibling of `output_path`, the manifest it
-    returns is written there with `cache_key` added, and the sibling replaces `output_path` by a rename, so an
-    interrupted run leaves neither a partial folder nor a mix of two runs.
+    `model.safetensors`. Otherwise `train_into` runs in a temporary sibling of `output_path`, and the manifest it
+    returns is written there with `cache_key` added. The sibling then replaces `output_path` by a rename, so an
+    interrupted run never leaves a partial folder or a mix of two runs at `output_path`. NOTE: a run killed
+    outright leaves its temporary sibling behind, and the next run neither resumes nor removes it.
 
     Args:
         output_path (`Path`): the resolved output folder.
