@@ -104,6 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Score DaWin against model merging baselines on several tasks (see evaluate-multitask --help).",
         add_help=False,
     )
+    # Parsed by push_results.main_push_results.
+    commands.add_parser(
+        "push-results",
+        help="Write the results.json of an earlier evaluate run into a Hub model card (see push-results --help).",
+        add_help=False,
+    )
     evaluate = commands.add_parser(
         "evaluate",
         help="Score DaWin and its baselines on an in-distribution set and shifted sets.",
@@ -301,29 +307,35 @@ def _push_results(arguments: EvaluateArguments, model, results: dict) -> None:
     from .hub import method_for_mode, push_results_to_hub
 
     method = method_for_mode(model.config)
-    with push_failure_as_error(arguments.push_results, arguments.output_dir):
+    alpha = model.config.alpha if method is None else None
+    with push_failure_as_error(arguments.push_results, arguments.output_dir, method=method, alpha=alpha):
         commit = push_results_to_hub(
             arguments.push_results,
             {key: value for key, value in results.items() if key != "coefficients"},
             method=method,
-            static_alpha=model.config.alpha if method is None else None,
+            static_alpha=alpha,
         )
     print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
 
 
 @contextlib.contextmanager
-def push_failure_as_error(repo_id: str, output_dir: str):
+def push_failure_as_error(repo_id: str, output_dir: str, *, method: str | None = None, alpha: float | None = None):
     """Turn any failure of a results upload into an `OSError` that names the repository and the local results.
 
-    The command then ends with a one-line message instead of a traceback from the HTTP client.
+    The command then ends with a one-line message instead of a traceback from the HTTP client. The message gives
+    the `hf-dawin push-results` command that pushes the saved results without evaluating again. The `method` and
+    `alpha` arguments are what the failed upload reported.
     """
+    from .push_results import retry_command
+
     try:
         yield
     except Exception as error:  # noqa: BLE001 - network and Hub errors have no common base class
         logger.debug("Pushing the results to %s failed.", repo_id, exc_info=True)
         raise OSError(
             f"Pushing the results to {repo_id} failed ({type(error).__name__}: {error}). The results are saved in "
-            f"{output_dir}; check the connection, HF_ENDPOINT and your token, then run again with --push-results."
+            f"{output_dir}; check the connection, HF_ENDPOINT and your token, then push them with "
+            f"`{retry_command(repo_id, output_dir, method=method, alpha=alpha)}`."
         ) from error
 
 
@@ -705,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation_multitask import main_multitask
 
         return main_multitask(argv[1:])
+    if argv[0] == "push-results":
+        from .push_results import main_push_results
+
+        return main_push_results(argv[1:])
     parser = _build_parser()
     namespace = parser.parse_args(argv)
     if namespace.command == "evaluate":

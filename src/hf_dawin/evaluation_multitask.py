@@ -600,10 +600,9 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
         from .cli import push_failure_as_error
         from .hub_multitask import MULTITASK_MODE_METHODS, push_multitask_results_to_hub
 
-        with push_failure_as_error(arguments.push_results, arguments.output_dir):
-            commit = push_multitask_results_to_hub(
-                arguments.push_results, results, method=MULTITASK_MODE_METHODS[model.config.mode]
-            )
+        method = MULTITASK_MODE_METHODS[model.config.mode]
+        with push_failure_as_error(arguments.push_results, arguments.output_dir, method=method):
+            commit = push_multitask_results_to_hub(arguments.push_results, results, method=method)
         print(f"Results written into the model card of {arguments.push_results}: {commit.commit_url}")
     return results
 
