@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-__all__ = ["is_weight_file", "pop_push_arguments", "save_atomically"]
+__all__ = ["is_weight_file", "pop_push_arguments", "remove_abandoned_folders", "save_atomically"]
 
 # Staging folders are named ".<target>.saving-<process id>-<random>", beside the target.
 _STAGING_MARK = ".saving-"
@@ -42,17 +42,21 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def _remove_abandoned_staging(target: Path) -> None:
-    """Remove staging folders of earlier saves into `target` whose process no longer exists (it was killed).
+def remove_abandoned_folders(parent: Path, prefix: str) -> None:
+    """Remove folders in `parent` named `<prefix><process id>-...` whose process no longer exists (it was killed).
 
-    NOTE: process ids are looked up on this machine, so on a folder shared between machines a save that is still
-    running on another machine looks abandoned. Do not save into one target from two machines at once.
+    NOTE: process ids are looked up on this machine, so on a folder shared between machines a write that is
+    still running on another machine looks abandoned. Do not write into one target from two machines at once.
     """
-    prefix = f".{target.name}{_STAGING_MARK}"
-    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
         pid = path.name[len(prefix) :].split("-", 1)[0]
         if path.is_dir() and pid.isdigit() and _process_is_gone(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Remove staging folders of earlier saves into `target` whose process no longer exists."""
+    remove_abandoned_folders(target.parent, f".{target.name}{_STAGING_MARK}")
 
 
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -3,6 +3,8 @@
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -382,6 +384,23 @@ def test_cache_retrains_other_key(tmp_path):
     assert (tmp_path / "run" / "first" / "model.safetensors").read_bytes() == b"weights 2"
     # Neither the partial folder nor the retired older run is left behind.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX only")
+def test_cache_removes_killed_runs_folders(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    killed = [tmp_path / f".run-partial-{dead_pid}-abc", tmp_path / f".run-old-{dead_pid}-def"]
+    running = tmp_path / f".run-partial-{os.getpid()}-ghi"
+    for folder in (*killed, running):
+        (folder / "first").mkdir(parents=True)
+
+    run_cached(tmp_path / "run", FakeTraining(), {"seed": 0})
+
+    for folder in killed:
+        assert not folder.exists()
+    assert running.is_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [running.name, "run"]
 
 
 def test_cache_retrains_missing_weights(tmp_path):

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging
 
+from ..saving import remove_abandoned_folders
+
 
 logger = logging.get_logger(__name__)
 
@@ -309,8 +311,22 @@ def _has_endpoint_weights(folder: Path, endpoint_folders: Sequence[str]) -> bool
     return all((folder / endpoint / "model.safetensors").is_file() for endpoint in endpoint_folders)
 
 
+def _work_prefix(output_path: Path, role: str) -> str:
+    """Return the name prefix of this process's temporary `role` folders beside `output_path`.
+
+    The process id in the name lets a later run remove the folders of a run that was killed.
+    """
+    return f".{output_path.name}-{role}-{os.getpid()}-"
+
+
+def _remove_abandoned_work(output_path: Path) -> None:
+    """Remove the temporary folders that killed runs left beside `output_path`."""
+    for role in ("partial", "old"):
+        remove_abandoned_folders(output_path.parent, f".{output_path.name}-{role}-")
+
+
 def _make_partial_folder(output_path: Path) -> Path:
-    work_dir = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=f".{output_path.name}-partial-"))
+    work_dir = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=_work_prefix(output_path, "partial")))
     # mkdtemp creates the folder readable by its owner only; give the result the usual permissions instead.
     umask = os.umask(0)
     os.umask(umask)
@@ -321,7 +337,7 @@ def _make_partial_folder(output_path: Path) -> Path:
 def _replace_folder(source: Path, target: Path) -> None:
     # Move an older folder aside first, so the target is never a mix of two training runs.
     if target.exists():
-        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
+        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=_work_prefix(target, "old")))
         os.replace(target, retired / target.name)
         os.replace(source, target)
         shutil.rmtree(retired, ignore_errors=True)
@@ -362,8 +378,8 @@ def train_or_reuse(
     A folder is reused when its manifest's `"cache_key"` equals `cache_key` and every endpoint folder contains
     `model.safetensors`. Otherwise `train_into` runs in a temporary sibling of `output_path`, and the manifest it
     returns is written there with `cache_key` added. The sibling then replaces `output_path` by a rename, so an
-    interrupted run never leaves a partial folder or a mix of two runs at `output_path`. NOTE: a run killed
-    outright leaves its temporary sibling behind, and the next run neither resumes nor removes it.
+    interrupted run never leaves a partial folder or a mix of two runs at `output_path`. A run killed outright
+    leaves its temporary sibling behind, and the next training into `output_path` removes it and starts again.
 
     Args:
         output_path (`Path`): the resolved output folder.
@@ -399,6 +415,7 @@ def train_or_reuse(
         )
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_work(output_path)
     work_dir = _make_partial_folder(output_path)
     previous_threads = torch.get_num_threads()
     try:
