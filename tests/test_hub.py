@@ -515,6 +515,19 @@ def test_push_results_updates_existing_card(fake_hub, results):
     assert summarize(results, markdown=True) in card.text
 
 
+def test_push_results_keeps_model_weights(fake_hub, hub_model, results):
+    push_dawin_to_hub(hub_model, "my-org/tiny-dawin")
+    weights = fake_hub.repos["my-org/tiny-dawin"]["model.safetensors"]
+
+    push_results_to_hub("my-org/tiny-dawin", results)
+
+    assert fake_hub.commits[-1]["deleted"] == []
+    assert set(fake_hub.commits[-1]["files"]) == {"README.md"}
+    assert fake_hub.repos["my-org/tiny-dawin"]["model.safetensors"] == weights
+    reloaded = DaWinCLIPModel.from_pretrained("my-org/tiny-dawin")
+    assert reloaded.config.mode == "mixture"
+
+
 def test_push_results_twice_replaces_entries(fake_hub, results):
     fake_hub.repos["my-org/tiny-dawin"] = {"README.md": EXISTING_CARD.encode()}
     push_results_to_hub("my-org/tiny-dawin", results)

@@ -132,6 +132,9 @@ def test_push_results_updates_card_of_pushed_model(fake_hub, model, results):
 
     assert len(fake_hub.commits) == 3
     assert set(fake_hub.commits[-1]["files"]) == {"README.md"}
+    # A card update never deletes the model's weights.
+    assert fake_hub.commits[1]["deleted"] == fake_hub.commits[2]["deleted"] == []
+    assert "model.safetensors" in fake_hub.repos["my-org/multi-dawin"]
     card = ModelCard(fake_hub.repos["my-org/multi-dawin"]["README.md"].decode())
     entries = model_index(card)
     assert entries[("colours", "accuracy")] == 0.125

@@ -530,7 +530,9 @@ def _commit_folder(
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = _folder_operations(folder)
-    stale = _stale_weight_files(api, repo_id, revision, {operation.path_in_repo for operation in operations})
+    uploaded = {operation.path_in_repo for operation in operations}
+    # Only an upload that brings weights replaces the repository's weights. A card update keeps them.
+    stale = _stale_weight_files(api, repo_id, revision, uploaded) if any(map(is_weight_file, uploaded)) else []
     if stale:
         # Weights of an earlier upload with another shard layout would otherwise be loaded instead of these.
         logger.info("Deleting %d weight files of an earlier upload from %s: %s", len(stale), repo_id, stale)
