@@ -132,6 +132,23 @@ def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
     assert np.load(output_dir / "coefficients.npz")["inverted"].shape == (12,)
 
 
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-offset-adjustment"], False)])
+def test_cli_saved_model_offset_default(tiny_model, tmp_path, flag, expected):
+    tiny_model.config.offset_adjustment = True
+    tiny_model.save_pretrained(tmp_path / "model")
+    output_dir = tmp_path / "results"
+
+    exit_code = main([
+        "evaluate", "--model", str(tmp_path / "model"), "--id-dataset", str(_image_dataset(tmp_path / "id", 3)),
+        "--alphas", "0,1", "--output-dir", str(output_dir), "--no-progress", "--no-plots", *flag,
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["settings"]["offset_adjustment"] is expected
+    assert (results["sets"]["id"]["entropy_statistics"] is not None) is expected
+
+
 def _reject_constant(name):
     raise ValueError(f"results.json contains {name}, which is not JSON")
 

@@ -549,6 +549,11 @@ def test_push_results_creates_card(fake_hub, results):
     push_results_to_hub("my-org/new-repo", results)
 
     card = ModelCard(fake_hub.repos["my-org/new-repo"]["README.md"].decode())
+    zero_shot, fine_tuned = results["settings"]["temperatures"]
+    assert (
+        f"Evaluation settings: temperatures {zero_shot:g} (zero-shot) and {fine_tuned:g} (fine-tuned), offset "
+        "adjustment off, 3 Beta mixture components."
+    ) in card.text
     assert card.data.pipeline_tag == "image-classification"
     assert set(model_index(card)) == {(name, metric) for name in ("pets", "pets-sketch") for metric in ("accuracy", "f1")}
 

@@ -66,7 +66,7 @@ class EvaluateArguments:
     batch_size: int = 256
     max_examples: int | None = None
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
-    offset_adjustment: bool = False
+    offset_adjustment: bool | None = None
     n_components: int = 3
     output_dir: str = "hf_dawin_results"
     cache_dir: str | None = None
@@ -157,7 +157,12 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument(
-        "--offset-adjustment", action="store_true", help="Use the offset adjustment with each set's entropy statistics."
+        "--offset-adjustment",
+        action=argparse.BooleanOptionalAction,
+        help=(
+            "Use the offset adjustment with each set's entropy statistics, or not (--no-offset-adjustment). "
+            "Default: the saved model's setting with --model, else off."
+        ),
     )
     evaluate.add_argument("--n-components", type=int, default=3, help="Beta mixture components (default: 3).")
     evaluate.add_argument(
@@ -650,9 +655,12 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
     model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
     if state.device.type != "cpu" and getattr(model, "hf_device_map", None) is None:
         model.to(state.device)
+    offset_adjustment = arguments.offset_adjustment
+    if offset_adjustment is None:
+        offset_adjustment = bool(model.config.offset_adjustment)
     settings = EvaluationSettings(
         alphas=arguments.alphas,
-        offset_adjustment=arguments.offset_adjustment,
+        offset_adjustment=offset_adjustment,
         n_components=arguments.n_components,
         progress=arguments.progress,
     )

@@ -312,6 +312,19 @@ def _eval_result(name, sources, metric_type, value, metric_name, metric_args=Non
     )
 
 
+def _evaluation_settings_sentence(settings: Mapping) -> str:
+    """Describe the temperatures, offset adjustment and mixture size that an evaluation used."""
+    parts = []
+    if settings.get("temperatures"):
+        zero_shot, fine_tuned = settings["temperatures"]
+        parts.append(f"temperatures {zero_shot:g} (zero-shot) and {fine_tuned:g} (fine-tuned)")
+    if "offset_adjustment" in settings:
+        parts.append("offset adjustment " + ("on" if settings["offset_adjustment"] else "off"))
+    if settings.get("n_components"):
+        parts.append(f"{settings['n_components']} Beta mixture components")
+    return f"Evaluation settings: {', '.join(parts)}." if parts else ""
+
+
 def _results_section(results: Mapping | None, method: str | None, repo_id: str | None) -> str:
     """Render the evaluation section, between the markers that `update_card_results` replaces."""
     if results is None:
@@ -330,18 +343,18 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
         sets_table = _markdown_table(("Set", "Role", "Images", "Skipped (unreadable)", "Classes"), rows)
         reported = METHOD_LABELS.get(method, method) if method else "WiSE-FT at the saved alpha"
         shifts = ", ".join(ood_names) if ood_names else "none"
-        body = "\n\n".join(
-            [
-                f"In-distribution (ID) set: {id_name}. Distribution shifts (OOD): {shifts}.",
-                sets_table,
-                "Accuracy (%) of DaWin and its baselines. OOD avg is the mean over the shifted sets, and the oracle "
-                "interpolates with a coefficient computed from the true label, so it is for analysis only.",
-                summarize(dict(results), markdown=True),
-                f"The `model-index` metadata of this card reports {reported}. The evaluation fits the Beta mixture "
-                "and the offset statistics on each evaluation set, so a model that uses its saved calibration "
-                "can score slightly differently.",
-            ]
-        )
+        paragraphs = [
+            f"In-distribution (ID) set: {id_name}. Distribution shifts (OOD): {shifts}.",
+            sets_table,
+            _evaluation_settings_sentence(results.get("settings") or {}),
+            "Accuracy (%) of DaWin and its baselines. OOD avg is the mean over the shifted sets, and the oracle "
+            "interpolates with a coefficient computed from the true label, so it is for analysis only.",
+            summarize(dict(results), markdown=True),
+            f"The `model-index` metadata of this card reports {reported}. The evaluation fits the Beta mixture "
+            "and the offset statistics on each evaluation set, so a model that uses its saved calibration "
+            "can score slightly differently.",
+        ]
+        body = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
     return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
 
 
