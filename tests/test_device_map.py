@@ -66,6 +66,13 @@ def test_missing_cuda_device_rejected(tiny_pair_dirs, tiny_model, tmp_path, devi
         DaWinCLIPModel.from_pretrained(tmp_path, device_map="cuda:0")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message where PyTorch has no MPS device")
+@pytest.mark.parametrize(("device_map", "device_type"), [("mps", "mps"), ({"zero_shot": "cpu", "fine_tuned": "xla"}, "xla")])
+def test_unbuilt_device_type_rejected(tiny_pair_dirs, device_map, device_type):
+    with pytest.raises(ValueError, match=f"but this PyTorch build has no available '{device_type}' device"):
+        _pair(tiny_pair_dirs, device_map=device_map)
+
+
 def test_loaded_models_take_single_device_only(tiny_processor):
     zero_shot = make_clip(0)
     fine_tuned = make_clip(1, base=zero_shot, noise=0.3)

@@ -1,8 +1,10 @@
 """DaWinCLIPModel: exactness of per-sample interpolation, modes, persistence and bad input."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel
 
 from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel, interpolate_state_dicts
@@ -114,6 +116,12 @@ def test_labels_give_cross_entropy_loss(tiny_model, pixel_values):
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
 
 
+def test_load_rejects_unknown_mode(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Unknown DaWin mode 'bogus'; valid modes are 'sample'"):
+        DaWinCLIPModel.from_pretrained(tmp_path, mode="bogus")
+
+
 @torch.no_grad()
 def test_save_load_round_trip(tiny_model, pixel_values, tmp_path):
     tiny_model.fit_mixture(torch.tensor([0.1, 0.2, 0.5, 0.55, 0.9, 0.95]), n_components=2)
@@ -205,6 +213,24 @@ def test_mismatched_architectures_list_keys(tiny_endpoints, tiny_processor):
     extra_line = next(line for line in message.splitlines() if line.startswith("Extra"))
     keys = extra_line.split(": ", 1)[1].split(", ")
     assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "difference"),
+    [
+        ({"hidden_act": "gelu"}, "vision_config.hidden_act: 'quick_gelu' vs 'gelu'"),
+        ({"num_attention_heads": 2}, "vision_config.num_attention_heads: 4 vs 2"),
+    ],
+)
+def test_config_mismatch_same_shapes(tiny_endpoints, tiny_processor, overrides, difference):
+    zero_shot, _ = tiny_endpoints
+    other = make_clip(3, config=tiny_clip_config(**overrides))
+    other.load_state_dict(zero_shot.state_dict())  # identical weights: only the config differs
+    with pytest.raises(ValueError, match="configs differ in settings that change the computation") as error:
+        DaWinCLIPModel.from_pretrained_pair(
+            zero_shot, other, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+        )
+    assert f"(zero-shot vs fine-tuned): {difference}." in str(error.value)
 
 
 def test_missing_keys_reported(tiny_endpoints, tiny_processor):
@@ -302,9 +328,43 @@ def test_alpha_tensor_accepted(tiny_model, pixel_values):
     torch.testing.assert_close(from_tensor, from_float)
 
 
+@pytest.mark.parametrize(("mode", "alpha"), [("sample", None), ("static", 0.3), ("mixture", None)])
+def test_inference_mode_then_autograd_call(tiny_model, pixel_values, mode, alpha):
+    tiny_model.fit_mixture(torch.linspace(0.05, 0.95, 30))
+    with torch.inference_mode():
+        first = tiny_model(pixel_values, mode=mode, alpha=alpha).logits
+
+    # The classifiers cached by the first call must serve a call that records autograd (labels give a loss).
+    second = tiny_model(pixel_values, mode=mode, alpha=alpha, labels=torch.zeros(len(pixel_values), dtype=torch.long))
+
+    torch.testing.assert_close(second.logits, first)
+    assert second.loss is not None
+
+
 def test_calibrate_needs_two_images(tiny_model, pixel_values):
     with pytest.raises(ValueError, match="calibrate needs at least two images .* received 1"):
         tiny_model.calibrate([pixel_values[:1]])
+
+
+def test_calibrate_accepts_processor_output(tiny_model):
+    rng = np.random.default_rng(6)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(4)]
+    features = tiny_model.image_processor(images=images, return_tensors="pt")
+
+    from_features = tiny_model.calibrate([features])
+    from_tensor = tiny_model.calibrate([features["pixel_values"]])
+
+    assert from_features == from_tensor
+
+
+@pytest.mark.parametrize(
+    ("batches", "received"),
+    [([[0.5, 0.2]], "received a batch that is list"), ([{"images": 1}], "a mapping with keys ['images']")],
+)
+def test_calibrate_rejects_other_batches(tiny_model, batches, received):
+    with pytest.raises(TypeError, match="calibrate expects an iterable of batches") as error:
+        tiny_model.calibrate(batches)
+    assert received in str(error.value)
 
 
 def test_same_model_as_both_endpoints_saves(tiny_endpoints, tiny_processor, pixel_values, tmp_path):

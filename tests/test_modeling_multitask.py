@@ -113,6 +113,18 @@ def test_coefficients_scale_by_s_times_t():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_inference_mode_then_autograd_call(model, images):
+    model.clear_merged_cache()
+    with torch.inference_mode():
+        first = model(pixel_values=images, task="animals", mode="sample").logits
+
+    # The mixed classifier cached by the first call must serve a call that records autograd.
+    second = model(pixel_values=images, task="animals", mode="sample").logits
+
+    torch.testing.assert_close(second, first)
+    assert second.requires_grad
+
+
 @torch.no_grad()
 def test_sample_mode_matches_explicit_merges(model, images):
     for task in TASKS:
@@ -351,6 +363,22 @@ def test_task_order_must_name_every_task():
     assert config.task_names == ["b", "a"]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"mode": "bogus"}, "Unknown multi-task DaWin mode 'bogus'"), ({"default_task": "zzz"}, "Unknown task 'zzz'")],
+)
+def test_load_rejects_bad_overrides(model, tmp_path, overrides, message):
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DaWinMultiTaskCLIPModel.from_pretrained(tmp_path, **overrides)
+
+
+def test_labels_outside_task_classes(model, images):
+    labels = torch.tensor([0, 1, 2, 3, 7])
+    with pytest.raises(ValueError, match=r"labels \[7\] are outside the model's 4 classes .*config.tasks\['animals'\]"):
+        model(pixel_values=images, task="animals", labels=labels)
+
+
 def test_auto_classes_load_saved_model(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), DaWinMultiTaskCLIPConfig)
@@ -464,6 +492,12 @@ def test_architecture_mismatch_names_keys(tiny_processor):
     wider = make_clip(3, config=tiny_clip_config(intermediate_size=48))
     with pytest.raises(ValueError, match=r"Shape mismatches .*vision_model.encoder.layers.0.mlp.fc1.weight: \(64, 32\) vs \(48, 32\)"):
         DaWinMultiTaskCLIPModel.from_pretrained_endpoints(pretrained, [wider], tasks=TASKS, processor=tiny_processor)
+    other_activation = make_clip(4, config=tiny_clip_config(hidden_act="gelu"))
+    other_activation.load_state_dict(pretrained.state_dict())
+    with pytest.raises(ValueError, match=r"vision_config.hidden_act: 'quick_gelu' vs 'gelu'"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [other_activation], tasks=TASKS, processor=tiny_processor
+        )
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ tower (patch-embedding convolution, class and position embeddings, LayerNorm sca
 the projection and the classification head) is affine in its own parameters for a fixed input. A layer with
 merged weights W_0 + sum_t c_t dW_t applied to an input h therefore equals layer(h; W_0) + sum_t c_t h dW_t^T,
 so mixing each layer's outputs per sample reproduces the per-sample merged network exactly, nonlinearities
-included, while the weights stay shared by the whole batch. Each Linear and the convolution run once on the
-stacked weights [W_0; dW_1; ...; dW_T] (one grouped matmul) and the outputs are combined with the
-per-sample coefficients. Parameters no larger than one activation row (LayerNorm scale and shift, class and
-position embeddings) are mixed directly per sample, which costs as much as one activation.
+included, while the weights stay shared by the whole batch. Each Linear and the convolution compute h W_0^T
+and add each (c_t h) dW_t^T into the same output buffer: one matrix product per weight set, with the
+per-sample coefficients applied to the inputs. Parameters no larger than one activation row (LayerNorm scale
+and shift, class and position embeddings) are mixed directly per sample, which costs as much as one activation.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.utils import logging
 
@@ -36,6 +37,7 @@ __all__ = [
     "MixingState",
     "build_merged_module",
     "build_mixed_module",
+    "check_compatible_configs",
     "check_compatible_state_dicts",
     "interpolate_state_dicts",
     "merge_task_vectors",
@@ -43,6 +45,8 @@ __all__ = [
 
 # Keys listed per kind of difference in an architecture mismatch; the rest are counted.
 _MAX_LISTED_KEYS = 20
+# Fields of a CLIP tower's config that change its function without changing any weight shape.
+COMPUTATION_CONFIG_FIELDS = ("hidden_act", "num_attention_heads", "layer_norm_eps", "eos_token_id")
 
 # ----------------------------------------------------------------------------------------------------------
 # Static merges
@@ -54,6 +58,47 @@ def _listed(items: Sequence[str], separator: str) -> str:
     listed = separator.join(items[:_MAX_LISTED_KEYS])
     hidden = len(items) - _MAX_LISTED_KEYS
     return listed if hidden <= 0 else f"{listed}{separator}... and {hidden} more"
+
+
+def check_compatible_configs(
+    reference: PretrainedConfig,
+    other: PretrainedConfig,
+    *,
+    reference_name: str = "zero-shot",
+    other_name: str = "fine-tuned",
+) -> None:
+    """Raise if two CLIP endpoints' configs differ in a setting that changes the computation but no weight shape.
+
+    The interpolated passes run the reference endpoint's modules with mixed weights, so an activation function,
+    a head count, a LayerNorm epsilon or a pooling token that differs would silently change the other endpoint's
+    function. Differences that change weight shapes are reported by [`check_compatible_state_dicts`].
+
+    Args:
+        reference (`PretrainedConfig`): Config of the reference endpoint, a `CLIPConfig`.
+        other (`PretrainedConfig`): Config of the endpoint compared with it.
+        reference_name (`str`): Name of the reference endpoint in the message.
+        other_name (`str`): Name of the other endpoint in the message.
+
+    Raises:
+        ValueError: Listing each differing setting as `tower.field: reference value vs other value`, sorted.
+    """
+    differences = []
+    for tower in ("vision_config", "text_config"):
+        reference_tower, other_tower = getattr(reference, tower, None), getattr(other, tower, None)
+        if reference_tower is None or other_tower is None:
+            continue
+        for field in COMPUTATION_CONFIG_FIELDS:
+            reference_value = getattr(reference_tower, field, None)
+            other_value = getattr(other_tower, field, None)
+            if reference_value != other_value:
+                differences.append(f"{tower}.{field}: {reference_value!r} vs {other_value!r}")
+    if differences:
+        raise ValueError(
+            f"The {reference_name} and {other_name} endpoints do not share an architecture: their configs differ in "
+            f"settings that change the computation ({reference_name} vs {other_name}): {'; '.join(sorted(differences))}. "
+            f"Use a {other_name} checkpoint of the same CLIP architecture as the {reference_name} endpoint, or fix "
+            f"the {other_name} checkpoint's config.json if it was converted with other settings."
+        )
 
 
 def check_compatible_state_dicts(

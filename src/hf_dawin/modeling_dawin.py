@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .heads import build_zero_shot_head, check_class_names, linear_head_from
 from .interpolation import (
     build_merged_module,
     build_mixed_module,
+    check_compatible_configs,
     check_compatible_state_dicts,
     merge_task_vectors,
 )
@@ -145,6 +147,7 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """
         if isinstance(kwargs.get("config"), PreTrainedConfig):
             return
+        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
         config_dict, _ = PreTrainedConfig.get_config_dict(
             pretrained_model_name_or_path, **{name: kwargs[name] for name in names if name in kwargs}
@@ -388,6 +391,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
         )
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
+        check_compatible_configs(zero_shot_model.config, fine_tuned_model.config)
 
         if processor is None:
             processor = _load_processor(zero_shot, zero_shot_model)
@@ -455,6 +459,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
         check_devices_available(kwargs.get("device_map"), "DaWin model")
+        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         try:
             cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -464,6 +469,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 f"{str(error).rstrip('.')}.{_offline_note()} Pass a folder written by DaWinCLIPModel.save_pretrained "
                 "or a Hub id reachable from this machine."
             ) from error
+        # Settings passed as keyword arguments (mode="...") reach the config unchecked; check them before first use.
+        check_mode(model.config.mode)
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "DaWin model", max_memory=requested_memory)
         return model
@@ -553,7 +560,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         key = (self._weights_key(), extra_key)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            # Built outside inference mode, so that a classifier first built under torch.inference_mode() still
+            # serves later calls with autograd enabled (inference tensors cannot be used there).
+            with torch.inference_mode(False), torch.no_grad():
                 self._derived[name] = (key, build())
         return self._derived[name][1]
 
@@ -651,8 +660,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         zero_shot_entropies, fine_tuned_entropies = [], []
         zero_shot_temperature, fine_tuned_temperature = check_temperatures(self.config.temperatures)
         for batch in batches:
-            pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
-            zero_shot_logits, fine_tuned_logits = self.endpoint_logits(pixel_values)
+            zero_shot_logits, fine_tuned_logits = self.endpoint_logits(batch_pixel_values(batch, "calibrate"))
             zero_shot_entropies.append(entropy(zero_shot_logits, zero_shot_temperature))
             fine_tuned_entropies.append(entropy(fine_tuned_logits, fine_tuned_temperature))
         count = sum(values.numel() for values in zero_shot_entropies)
@@ -805,7 +813,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits, _check_labels(labels, logits.shape).to(logits.device))
+            loss = F.cross_entropy(logits, check_label_indices(labels, logits.shape).to(logits.device))
 
         output = DaWinImageClassifierOutput(
             loss=loss,
@@ -825,10 +833,30 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_local_folder(source, writer: str) -> None:
+    """Raise if `source` is written as a local path (absolute, or starting with `.` or `~`) that does not exist.
+
+    Such a string cannot be a Hub id, and huggingface_hub would otherwise report it as a malformed repository id.
+
+    Raises:
+        FileNotFoundError: Naming the folder and `writer`, the method that writes such folders.
+    """
+    if not isinstance(source, (str, Path)):
+        return
+    text = str(source)
+    looks_local = isinstance(source, Path) or os.path.isabs(text) or text.startswith((".", "~"))
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(
+            f"No folder at {text!r}. Pass an existing folder written by {writer}, or a Hub id such as "
+            "'namespace/name'."
+        )
+
+
 def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
     if isinstance(endpoint, CLIPModel):
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
     if isinstance(endpoint, (str, Path)):
+        check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
         try:
             model = CLIPModel.from_pretrained(str(endpoint), **load_kwargs)
         except OSError as error:
@@ -947,13 +975,33 @@ def _make_head(weight: torch.Tensor, bias: torch.Tensor | None, *, reference: to
     return head
 
 
+def batch_pixel_values(batch, caller: str) -> torch.Tensor:
+    """Return the pixel values of one calibration batch: a tensor, or a mapping such as an image processor's output.
+
+    Raises:
+        TypeError: If the batch is neither, or a mapping without a `pixel_values` tensor.
+    """
+    pixel_values = batch.get("pixel_values") if isinstance(batch, Mapping) else batch
+    if isinstance(pixel_values, torch.Tensor):
+        return pixel_values
+    received = f"a mapping with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+    raise TypeError(
+        f"{caller} expects an iterable of batches, each a pixel_values tensor of shape (batch_size, 3, height, "
+        f"width) or the image processor's output (with return_tensors='pt'); received a batch that is {received}. "
+        "Wrap a single batch in a list: [image_processor(images=images, return_tensors='pt')]."
+    )
+
+
 def _run_on_own_device(module: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     device = next(module.parameters()).device
     return module(pixel_values.to(device))
 
 
-def _check_labels(labels: torch.Tensor, logits_shape: torch.Size) -> torch.Tensor:
-    """Return `labels` as int64 if it contains one class index in `[0, num_classes)` per image, else raise."""
+def check_label_indices(labels: torch.Tensor, logits_shape: torch.Size, classes: str = "config.class_names") -> torch.Tensor:
+    """Return `labels` as int64 if it contains one class index in `[0, num_classes)` per image, else raise.
+
+    `classes` names the class list in the message, for example `config.tasks['animals']`.
+    """
     labels = torch.as_tensor(labels).long()
     batch_size, num_classes = logits_shape
     if labels.shape != (batch_size,):
@@ -962,7 +1010,7 @@ def _check_labels(labels: torch.Tensor, logits_shape: torch.Size) -> torch.Tenso
     if outside.numel():
         raise ValueError(
             f"labels {sorted(set(outside.tolist()))[:10]} are outside the model's {num_classes} classes "
-            f"(valid: 0..{num_classes - 1}). Map them to indices of config.class_names."
+            f"(valid: 0..{num_classes - 1}). Map them to indices of {classes}."
         )
     return labels
 

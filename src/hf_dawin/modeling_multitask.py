@@ -36,7 +36,13 @@ from .configuration_multitask import (
     check_task,
 )
 from .heads import build_zero_shot_head
-from .interpolation import MixingState, build_mixed_module, check_compatible_state_dicts, merge_task_vectors
+from .interpolation import (
+    MixingState,
+    build_mixed_module,
+    check_compatible_configs,
+    check_compatible_state_dicts,
+    merge_task_vectors,
+)
 from .merging import ties_merge_state_dicts
 from .modeling_dawin import (
     CLIPImageClassifier,
@@ -45,6 +51,8 @@ from .modeling_dawin import (
     _load_processor,
     _make_head,
     _run_on_own_device,
+    batch_pixel_values,
+    check_label_indices,
 )
 from .placement import check_devices_available, resolve_dtype
 from .templates import load_templates, validate_templates
@@ -357,6 +365,9 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             check_compatible_state_dicts(
                 pretrained_state, endpoint_model.state_dict(), reference_name="pre-trained", other_name=endpoint_name
             )
+            check_compatible_configs(
+                pretrained_model.config, endpoint_model.config, reference_name="pre-trained", other_name=endpoint_name
+            )
         fine_tuned_models = [endpoint_model for endpoint_model, _ in fine_tuned_loaded]
         fine_tuned_sources = [source for _, source in fine_tuned_loaded]
 
@@ -419,6 +430,9 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
+        check_multitask_mode(model.config.mode)
+        model.resolve_task(None)
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         return model
 
@@ -506,13 +520,16 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------
 
     def _weights_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in self.parameters())
+        # Tensors created under torch.inference_mode have no version counter; see DaWinCLIPModel._weights_key.
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in self.parameters())
 
     def _cached(self, name: str, extra_key: tuple, build):
         key = (self._weights_key(), extra_key)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            # Built outside inference mode, so that a classifier first built under torch.inference_mode() still
+            # serves later calls with autograd enabled (inference tensors cannot be used there).
+            with torch.inference_mode(False), torch.no_grad():
                 self._derived[name] = (key, build())
         return self._derived[name][1]
 
@@ -701,7 +718,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         total = torch.zeros(self.num_fine_tuned, dtype=torch.float64)
         count = 0
         for batch in batches:
-            pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+            pixel_values = batch_pixel_values(batch, "fit_dataset_coefficients")
             task_weights, _ = self.task_weights_from_logits(self.fine_tuned_logits(pixel_values, task))
             total += task_weights.double().sum(dim=0).cpu()
             count += task_weights.shape[0]
@@ -817,7 +834,8 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits, labels.to(logits.device).long())
+            checked = check_label_indices(labels, logits.shape, f"config.tasks[{self.resolve_task(task)!r}]")
+            loss = F.cross_entropy(logits, checked.to(logits.device))
 
         output = DaWinMultiTaskImageClassifierOutput(
             loss=loss,

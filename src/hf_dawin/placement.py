@@ -220,15 +220,24 @@ def _map_devices(device_map) -> list:
     return [device_map]
 
 
+def _device_type_available(device_type: str) -> bool:
+    """Return whether PyTorch can allocate on devices of this type (`mps`, `xpu`, ...) in this process."""
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, device_type, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
+
+
 def check_devices_available(device_map, name: str) -> None:
-    """Raise if a device map names a CUDA device that this machine does not have.
+    """Raise if a device map names a device that this machine or PyTorch build does not have.
 
     Args:
         device_map: A device, a device string, a GPU index or a module-to-device mapping.
         name (`str`): What is being placed, for the message, for example `"zero-shot endpoint"`.
 
     Raises:
-        ValueError: Naming the device and the CUDA devices available.
+        ValueError: Naming the device and, for CUDA, the devices available.
     """
     for device in _map_devices(device_map):
         if str(device) in ("cpu", "disk", "meta"):
@@ -238,6 +247,11 @@ def check_devices_available(device_map, name: str) -> None:
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"device_map of the {name} names {device!r}, which is not a device: {error}.") from None
         if parsed.type != "cuda":
+            if not _device_type_available(parsed.type):
+                raise ValueError(
+                    f"device_map of the {name} names {device!r}, but this PyTorch build has no available "
+                    f"'{parsed.type}' device. Use 'cpu', 'auto' or a device this machine has."
+                )
             continue
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (parsed.index is not None and parsed.index >= count):
