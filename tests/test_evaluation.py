@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_dawin import cli as cli_module
 from hf_dawin.cli import main
 from hf_dawin.evaluation import METHODS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
 from hf_dawin.label_spaces import LabelSpaceProjection
@@ -147,6 +148,64 @@ def test_cli_saved_model_offset_default(tiny_model, tmp_path, flag, expected):
     results = json.loads((output_dir / "results.json").read_text())
     assert results["settings"]["offset_adjustment"] is expected
     assert (results["sets"]["id"]["entropy_statistics"] is not None) is expected
+
+
+def test_cli_max_examples_samples_across_classes(tiny_pair_dirs, tmp_path, monkeypatch):
+    # Rows ordered by class, as imagefolder orders them: the first 6 rows all have label 0.
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(24)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=TINY_CLASS_NAMES)})
+    labels = sorted(i % len(TINY_CLASS_NAMES) for i in range(24))
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(tmp_path / "id"))
+    evaluated = []
+    original = cli_module.build_evaluation_set
+
+    def record(name, dataset, *args, **kwargs):
+        evaluated.append(list(dataset["label"]))
+        return original(name, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "build_evaluation_set", record)
+
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(tmp_path / "id"), "--max-examples", "6", "--alphas", "0,1",
+        "--output-dir", str(tmp_path / "results"), "--no-progress", "--no-plots",
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    assert len(evaluated[0]) == 6
+    assert len(set(evaluated[0])) > 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "environment", "expected"),
+    [([], None, "float32"), (["--dtype", "bfloat16"], None, "bfloat16"), ([], "fp16", "float16")],
+)
+def test_cli_dtype_from_flag_or_accelerate(tiny_pair_dirs, tmp_path, monkeypatch, flag, environment, expected):
+    if environment is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", environment)  # what accelerate launch --mixed_precision sets
+    output_dir = tmp_path / "results"
+
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(_image_dataset(tmp_path / "id", 4)), "--alphas", "0,1", "--output-dir", str(output_dir),
+        "--no-progress", "--no-plots", *flag,
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    settings = json.loads((output_dir / "results.json").read_text())["settings"]
+    assert settings["dtype"] == expected
+    assert settings["num_processes"] == 1
+
+
+def test_cli_rejects_fp8_mixed_precision(tiny_pair_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(SystemExit, match="requested mixed precision 'fp8', which hf-dawin cannot run"):
+        main([
+            "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+            "--id-dataset", str(_image_dataset(tmp_path / "id", 4)), "--output-dir", str(tmp_path / "results"),
+        ])  # fmt: skip
+    assert not (tmp_path / "results").exists()
 
 
 def _reject_constant(name):

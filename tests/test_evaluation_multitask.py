@@ -187,6 +187,21 @@ def test_command_on_saved_model(model, tmp_path, capsys):
     assert not [path.name for path in output_dir.iterdir() if path.name.startswith(".")]
 
 
+def test_command_loads_requested_dtype(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "colours", ["red", "green", "blue"], 4, seed=3)
+
+    status = main_multitask([
+        "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}", "--dtype", "bfloat16",
+        "--no-ties", "--no-progress", "--no-plots", "--output-dir", str(tmp_path / "results"),
+    ])  # fmt: skip
+
+    assert status == 0
+    settings = json.loads((tmp_path / "results" / "results.json").read_text())["settings"]
+    assert settings["dtype"] == "bfloat16"
+    assert settings["num_processes"] == 1
+
+
 @pytest.mark.parametrize("flag", [[], ["--multitask"]])
 def test_evaluate_command_routes_multitask(model, tmp_path, capsys, flag):
     model.save_pretrained(tmp_path / "model")
@@ -268,7 +283,8 @@ def test_command_errors_are_one_line(model, tiny_pair_dirs, tmp_path, capsys):
 
     assert status == 1
     error = capsys.readouterr().err
-    assert "\nhf-dawin evaluate-multitask: error: Unknown task 'cars'" in "\n" + error
+    assert "\nhf-dawin evaluate-multitask: error: Unknown task 'cars' in --task-dataset" in "\n" + error
+    assert "Name each dataset after one of them: --task-dataset TASK=SOURCE." in error
     assert "Traceback" not in error
     status = main_multitask(["--model", str(tiny_pair_dirs[0]), "--task-dataset", f"cars={tmp_path / 'cars'}"])
     assert status == 1
@@ -294,10 +310,11 @@ def multitask_command(tiny_pair_dirs, tmp_path_factory):
 def test_torchrun_matches_single_process(multitask_command, tmp_path):
     from .test_distributed import _rank_logs, _run, _torchrun
 
-    def results(directory):
+    def results(directory, num_processes):
         values = json.loads((directory / "results.json").read_text())
         values.pop("runtime_seconds")
         values["settings"].pop("progress")
+        assert values["settings"].pop("num_processes") == num_processes
         return values
 
     single = _run([sys.executable, "-m", "hf_dawin.cli", *multitask_command, "--no-progress",
@@ -307,8 +324,8 @@ def test_torchrun_matches_single_process(multitask_command, tmp_path):
                               "--output-dir", str(tmp_path / "multi")))
     assert launched.returncode == 0, launched.stderr[-3000:]
 
-    assert results(tmp_path / "multi") == results(tmp_path / "single")
-    assert results(tmp_path / "single")["tasks"]["pets"]["num_examples"] == 7
+    assert results(tmp_path / "multi", 2) == results(tmp_path / "single", 1)
+    assert results(tmp_path / "single", 1)["tasks"]["pets"]["num_examples"] == 7
     assert "Accuracy (%) per task" in _rank_logs(tmp_path / "logs", 0, "stdout")
     assert _rank_logs(tmp_path / "logs", 1, "stdout").strip() == ""
     assert "it/s" not in _rank_logs(tmp_path / "logs", 1, "stderr")

@@ -30,6 +30,7 @@ from .configuration_multitask import DaWinMultiTaskCLIPConfig
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
 from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state, is_main_launch_process
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
+from .placement import check_dtype_supported
 from .suites import (
     SUITES,
     ImageNetSuiteSources,
@@ -47,6 +48,10 @@ from .suites import (
 logger = logging.get_logger(__name__)
 
 __all__ = ["EvaluateArguments", "main", "parse_evaluate_arguments", "run_evaluate"]
+
+# Values of --dtype, and the dtypes of `accelerate launch --mixed_precision`.
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -83,6 +88,7 @@ class EvaluateArguments:
     wordnet_ids: str | None = None
     plots: bool = True
     push_results: str | None = None
+    dtype: str | None = None
 
 
 def _parse_alphas(text: str) -> list[float]:
@@ -93,6 +99,41 @@ def _parse_alphas(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers in [0, 1] such as 0,0.5,1, received {text!r}"
         ) from None
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """Add `--dtype`, shared by both evaluate commands."""
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES),
+        help=(
+            "Load the endpoints in this dtype; entropies, coefficients and the mixture stay float32. Default: the "
+            "dtype of `accelerate launch --mixed_precision` (bf16 or fp16), else float32."
+        ),
+    )  # fmt: skip
+
+
+def evaluation_dtype(requested: str | None) -> torch.dtype | None:
+    """Return the dtype to load the endpoints in: `--dtype`, else Accelerate's mixed precision, else None (float32).
+
+    `accelerate launch --mixed_precision bf16` (or fp16) sets `ACCELERATE_MIXED_PRECISION`. DaWin runs inference
+    only, so the request is honoured by loading the weights in that dtype rather than by autocast.
+
+    Raises:
+        SystemExit: If Accelerate requests a precision that the evaluation cannot run, such as fp8.
+    """
+    if requested is not None:
+        return DTYPE_NAMES[requested]
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed_precision == "no":
+        return None
+    if mixed_precision not in MIXED_PRECISION_DTYPES:
+        raise SystemExit(
+            f"error: accelerate launch requested mixed precision {mixed_precision!r}, which hf-dawin cannot run. "
+            f"Use --mixed_precision bf16, fp16 or no, or pass --dtype {{{','.join(sorted(DTYPE_NAMES))}}}."
+        )
+    dtype = MIXED_PRECISION_DTYPES[mixed_precision]
+    logger.info("accelerate launch requested %s mixed precision: loading the endpoints in %s.", mixed_precision, dtype)
+    return dtype
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -146,7 +187,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--templates", help="Prompt template file (one template with {} per line).")
     evaluate.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
-    evaluate.add_argument("--max-examples", type=int, help="Evaluate at most this many examples per set.")
+    evaluate.add_argument(
+        "--max-examples", type=int, help="Evaluate a random sample of this many examples per set, drawn with --seed."
+    )
     evaluate.add_argument(
         "--alphas",
         type=_parse_alphas,
@@ -165,11 +208,15 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("--n-components", type=int, default=3, help="Beta mixture components (default: 3).")
+    add_dtype_argument(evaluate)
     evaluate.add_argument(
         "--output-dir", default="hf_dawin_results", help="Folder for results.json and the tables (default: hf_dawin_results)."
     )
     evaluate.add_argument("--cache-dir", help="Cache for data wheels and the embedded pair (default: ~/.cache/hf_dawin).")
-    evaluate.add_argument("--seed", type=int, default=0, help="Seed of the embedded pair and shifts (default: 0).")
+    evaluate.add_argument(
+        "--seed", type=int, default=0,
+        help="Seed of the embedded pair, its shifts and the --max-examples sample (default: 0).",
+    )  # fmt: skip
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
 
     # Outputs beyond the results files.
@@ -237,7 +284,7 @@ def _suite_benchmark(arguments: EvaluateArguments):
 
     wordnet_ids = read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model)
+        model = DaWinCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
     else:
         if arguments.class_names:
             class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
@@ -255,7 +302,7 @@ def _suite_benchmark(arguments: EvaluateArguments):
                 )
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
-            progress=arguments.progress,
+            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
@@ -469,7 +516,8 @@ def _embedded_benchmark(arguments: EvaluateArguments):
               flush=True)
     pair = train_reference_pair(cache_dir / f"reference_pair_seed{arguments.seed}", seed=arguments.seed, cache_dir=cache_dir, progress=arguments.progress)
     model = DaWinCLIPModel.from_pretrained_pair(
-        pair.zero_shot_dir, pair.fine_tuned_dir, class_names=list(DIGIT_CLASS_NAMES), templates=list(DIGIT_TEMPLATES)
+        pair.zero_shot_dir, pair.fine_tuned_dir, class_names=list(DIGIT_CLASS_NAMES), templates=list(DIGIT_TEMPLATES),
+        dtype=evaluation_dtype(arguments.dtype),
     )
     suite = load_mnist_shift_suite(cache_dir=cache_dir, max_examples=arguments.max_examples, seed=arguments.seed)
     sets = [
@@ -484,10 +532,10 @@ def _custom_benchmark(arguments: EvaluateArguments):
 
     id_dataset = load_evaluation_dataset(
         arguments.id_dataset, split=arguments.split, image_column=arguments.image_column,
-        label_column=arguments.label_column, max_examples=arguments.max_examples,
+        label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
     )
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model)
+        model = DaWinCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
         class_names = list(model.config.class_names)
     else:
         if arguments.class_names:
@@ -495,7 +543,8 @@ def _custom_benchmark(arguments: EvaluateArguments):
         else:
             class_names = label_names(id_dataset, arguments.label_column)
         model = DaWinCLIPModel.from_pretrained_pair(
-            arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates, progress=arguments.progress
+            arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
+            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
@@ -530,7 +579,7 @@ def _custom_benchmark(arguments: EvaluateArguments):
         name, source = entry.split("=", 1)
         dataset = load_evaluation_dataset(
             source, split=arguments.split, image_column=arguments.image_column,
-            label_column=arguments.label_column, max_examples=arguments.max_examples,
+            label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
         )
         dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column, source)
         # Integer labels without class names are the model's class indices, as for the ID set, and
@@ -635,6 +684,51 @@ def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dic
     return paths
 
 
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """Hide the progress bars of transformers (weight loading), datasets and huggingface_hub unless `enabled`.
+
+    The previous settings are restored on exit, so a call from Python leaves the libraries as it found them.
+    """
+    if enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    previous = (
+        transformers_logging.is_progress_bar_enabled(),
+        datasets.is_progress_bar_enabled(),
+        not hub_utils.are_progress_bars_disabled(),
+    )
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if previous[0]:
+            transformers_logging.enable_progress_bar()
+        if previous[1]:
+            datasets.enable_progress_bars()
+        if previous[2]:
+            hub_utils.enable_progress_bars()
+
+
+def place_on_process_device(model, state) -> None:
+    """Move `model` to this process's device unless a device map placed it; check its dtype runs there."""
+    if state.device.type == "cpu" or getattr(model, "hf_device_map", None) is not None:
+        return
+    check_dtype_supported(model.dtype, state.device)
+    model.to(state.device)
+
+
+def record_run_settings(results: dict, model, state) -> None:
+    """Add the weights' dtype and the number of processes to `results["settings"]`."""
+    results["settings"]["dtype"] = str(model.dtype).removeprefix("torch.")
+    results["settings"]["num_processes"] = state.world_size
+
+
 def run_evaluate(arguments: EvaluateArguments) -> dict:
     """Run the shift evaluation described by `arguments`, print the table and write the results."""
     _check_arguments(arguments)
@@ -653,8 +747,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
         build = _embedded_benchmark
     # The main process loads first, so downloads and the embedded pair's training fill the cache once.
     model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
-    if state.device.type != "cpu" and getattr(model, "hf_device_map", None) is None:
-        model.to(state.device)
+    place_on_process_device(model, state)
     offset_adjustment = arguments.offset_adjustment
     if offset_adjustment is None:
         offset_adjustment = bool(model.config.offset_adjustment)
@@ -669,6 +762,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
     results["dataset_sources"] = _dataset_sources(arguments, sets)
+    record_run_settings(results, model, state)
     paths = write_results(results, Path(arguments.output_dir), plots=arguments.plots)
 
     print()
@@ -732,8 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     namespace = parser.parse_args(argv)
     if namespace.command == "evaluate":
+        arguments = parse_evaluate_arguments(argv[1:])
         try:
-            run_evaluate(parse_evaluate_arguments(argv[1:]))
+            with library_progress_bars(arguments.progress):
+                run_evaluate(arguments)
         except (OSError, ValueError) as error:
             # Invalid input (an unknown repository, a missing column, unmatched labels) ends the run with its
             # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).

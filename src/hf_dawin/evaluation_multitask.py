@@ -27,6 +27,13 @@ import torch
 from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
+from .cli import (
+    add_dtype_argument,
+    evaluation_dtype,
+    library_progress_bars,
+    place_on_process_device,
+    record_run_settings,
+)
 from .distributed import DistributedState, RankFailedError, get_distributed_state, is_main_launch_process
 from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
@@ -362,6 +369,7 @@ class MultiTaskEvaluateArguments:
     progress: bool = True
     plots: bool = True
     push_results: str | None = None
+    dtype: str | None = None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -400,13 +408,23 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ties", dest="ties", action="store_false", help="Skip TIES-merging.")
     parser.add_argument("--ties-density", type=float, help="Fraction of task-vector entries TIES keeps (default: 0.2).")
     parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
-    parser.add_argument("--max-examples", type=int, help="Evaluate at most this many examples per task.")
+    add_dtype_argument(parser)
+    parser.add_argument(
+        "--max-examples", type=int,
+        help=(
+            "Evaluate at most this many examples per task: a random sample drawn with --seed from your own "
+            "datasets, the first test images of the embedded suite."
+        ),
+    )  # fmt: skip
     parser.add_argument(
         "--output-dir", default="hf_dawin_multitask_results",
         help="Folder for results.json, results.md and accuracy.png (default: hf_dawin_multitask_results).",
     )  # fmt: skip
     parser.add_argument("--cache-dir", help="Cache for data and the embedded suite (default: ~/.cache/hf_dawin).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the embedded suite's training (default: 0).")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="Seed of the embedded suite's training and the --max-examples sample (default: 0).",
+    )  # fmt: skip
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="Do not write accuracy.png.")
     parser.add_argument(
@@ -472,7 +490,8 @@ def _embedded_suite(arguments: MultiTaskEvaluateArguments):
     tasks = list(suite.fine_tuned_dirs)
     model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
         suite.pretrained_dir, [suite.fine_tuned_dirs[task] for task in tasks],
-        tasks=suite.tasks, templates=suite.templates, fine_tuned_names=tasks, **_merge_overrides(arguments),
+        tasks=suite.tasks, templates=suite.templates, fine_tuned_names=tasks, dtype=evaluation_dtype(arguments.dtype),
+        **_merge_overrides(arguments),
     )  # fmt: skip
     data = load_multitask_data(
         tuple(tasks), cache_dir, sklearn_digits_test_examples=suite.manifest["settings"]["sklearn_digits_test_examples"]
@@ -500,21 +519,28 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
         task, source = entry.split("=", 1)
         datasets_by_task[task] = load_evaluation_dataset(
             source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
-            max_examples=arguments.max_examples, cache_dir=arguments.cache_dir,
+            max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
         )  # fmt: skip
 
     if arguments.model:
-        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model)
+        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
         tasks = {task: label_names(dataset, arguments.label_column) for task, dataset in datasets_by_task.items()}
         model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             arguments.pretrained, arguments.fine_tuned, tasks=tasks, templates=arguments.templates,
-            progress=arguments.progress, **_merge_overrides(arguments),
+            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **_merge_overrides(arguments),
         )  # fmt: skip
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
+    unknown = [task for task in datasets_by_task if task not in model.config.tasks]
+    if unknown:
+        raise ValueError(
+            f"Unknown task {', '.join(map(repr, unknown))} in --task-dataset; the model classifies the tasks "
+            f"{', '.join(map(repr, model.config.task_names))}. Name each dataset after one of them: "
+            "--task-dataset TASK=SOURCE."
+        )
 
     sets = {}
     for task, dataset in datasets_by_task.items():
@@ -576,13 +602,13 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     build = _custom_model if arguments.model or arguments.pretrained else _embedded_suite
     # The main process loads first, so downloads and the embedded suite's training fill the cache once.
     model, sets = state.main_process_first("loading the model and data", lambda: build(arguments))
-    if state.device.type != "cpu":
-        model.to(state.device)
+    place_on_process_device(model, state)
     settings = MultiTaskEvaluationSettings(include_ties=arguments.ties, progress=arguments.progress)
     results = evaluate_multitask(model, sets, settings, state=state)
     if not state.is_main_process:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
+    record_run_settings(results, model, state)
     results["dataset_sources"] = _dataset_sources(arguments)
     paths = write_multitask_results(results, Path(arguments.output_dir), plots=arguments.plots)
     print()
@@ -616,8 +642,10 @@ def main_multitask(argv: Sequence[str] | None = None) -> int:
     Returns:
         `int`: The exit status, 0 on success.
     """
+    arguments = parse_multitask_arguments(list(argv or []))
     try:
-        run_evaluate_multitask(parse_multitask_arguments(list(argv or [])))
+        with library_progress_bars(arguments.progress):
+            run_evaluate_multitask(arguments)
     except (OSError, ValueError, RankFailedError) as error:
         # Invalid input (an unknown task, a missing column, an unreachable repository) ends the run with its
         # message, and so does a failed rank of a multi-process run. The traceback is logged at debug level

@@ -223,7 +223,8 @@ def _templates_block(templates: Sequence[str] | None) -> str:
         return ""
     examples = ", ".join(f"`{template}`" for template in templates[:3])
     more = ", ..." if len(templates) > 3 else ""
-    return f"Zero-shot heads were built from {len(templates)} prompt templates ({examples}{more}).\n\n"
+    count = f"{len(templates)} prompt template" + ("" if len(templates) == 1 else "s")
+    return f"Zero-shot heads were built from {count} ({examples}{more}).\n\n"
 
 
 def _default_model_name(repo_id: str | None, fallback: str) -> str:
@@ -313,7 +314,7 @@ def _eval_result(name, sources, metric_type, value, metric_name, metric_args=Non
 
 
 def _evaluation_settings_sentence(settings: Mapping) -> str:
-    """Describe the temperatures, offset adjustment and mixture size that an evaluation used."""
+    """Describe the temperatures, offset adjustment, mixture size and reduced precision that an evaluation used."""
     parts = []
     if settings.get("temperatures"):
         zero_shot, fine_tuned = settings["temperatures"]
@@ -322,6 +323,8 @@ def _evaluation_settings_sentence(settings: Mapping) -> str:
         parts.append("offset adjustment " + ("on" if settings["offset_adjustment"] else "off"))
     if settings.get("n_components"):
         parts.append(f"{settings['n_components']} Beta mixture components")
+    if settings.get("dtype") and settings["dtype"] != "float32":
+        parts.append(f"endpoint weights in {settings['dtype']}")
     return f"Evaluation settings: {', '.join(parts)}." if parts else ""
 
 

@@ -451,8 +451,8 @@ def build_merged_multitask_card(
         pipeline_tag="zero-shot-image-classification",
         tags=list(MERGED_MULTITASK_CARD_TAGS),
         merge_method=method,
-        # Eight significant digits, so float32 values read as written (0.3, not 0.30000001192092896).
-        merge_coefficients=[float(f"{value:.8g}") for value in coefficients] if coefficients is not None else None,
+        # Seven significant digits, about float32's precision, so a float32 0.3 reads as 0.3, not 0.30000001.
+        merge_coefficients=[float(f"{value:.7g}") for value in coefficients] if coefficients is not None else None,
     )
     return _render(
         MERGED_MULTITASK_CARD_TEMPLATE,

@@ -337,7 +337,8 @@ def projection_from_class_names(
         raise ValueError(
             f"{len(missing)} of {len(eval_class_names)} evaluation class names were not found among the "
             f"{len(model_class_names)} model class names (exact match, case-insensitive): {_format_names(missing)}. "
-            "Rename the classes so both sides agree, or match by WordNet id with projection_from_wordnet_ids."
+            "Rename the classes so both sides agree, or match by WordNet id: projection_from_wordnet_ids in Python, "
+            "--wordnet-ids FILE with hf-dawin evaluate."
         )
     ambiguous = {
         name: positions[_normalize_name(name)]
@@ -348,7 +349,8 @@ def projection_from_class_names(
         described = ", ".join(f"{name!r} (model classes {indices})" for name, indices in ambiguous.items())
         raise ValueError(
             f"Evaluation class names match more than one model class: {described}. "
-            "Match by WordNet id with projection_from_wordnet_ids, or give the model classes distinct names."
+            "Match by WordNet id (projection_from_wordnet_ids in Python, --wordnet-ids FILE with hf-dawin evaluate), "
+            "or give the model classes distinct names."
         )
 
     indices = [positions[_normalize_name(name)][0] for name in eval_class_names]
