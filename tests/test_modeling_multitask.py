@@ -264,9 +264,19 @@ def test_dataset_mean_mode_uses_fitted_weights(model, images):
 @torch.no_grad()
 def test_ties_mode_matches_ties_merged_clip(tiny_processor, images):
     model = build_model(tiny_processor, ties_density=0.5, ties_scale=0.8)
-    state = ties_merge_state_dicts(
-        model.pretrained.state_dict(), [endpoint.state_dict() for endpoint in model.fine_tuned], density=0.5, scale=0.8
-    )
+    # The image encoder and the text side are trimmed separately, each over all of its entries.
+    state = {}
+    for is_image in (True, False):
+
+        def part(clip_model, is_image=is_image):
+            return {
+                key: value for key, value in clip_model.state_dict().items()
+                if key.startswith(("vision_model.", "visual_projection.")) == is_image
+            }  # fmt: skip
+
+        state.update(
+            ties_merge_state_dicts(part(model.pretrained), [part(endpoint) for endpoint in model.fine_tuned], density=0.5, scale=0.8)
+        )
     clip = CLIPModel(model.pretrained.config).eval()
     clip.load_state_dict(state)
     heads = model.heads[1]
@@ -297,6 +307,17 @@ def test_ties_merge_by_hand():
     torch.testing.assert_close(single["w"], torch.tensor([1.5, 0.5, 1.0]))
     with pytest.raises(ValueError, match=r"density .* \(0, 1\]"):
         ties_merge_state_dicts(base, endpoints, density=0.0)
+
+
+def test_ties_trims_over_whole_state_dict():
+    # One threshold per task vector over both tensors: the 2 largest of 4 magnitudes are both in "a".
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    endpoints = [{"a": torch.tensor([10.0, -9.0]), "b": torch.tensor([1.0, 2.0])}]
+
+    merged = ties_merge_state_dicts(base, endpoints, density=0.5, scale=1.0)
+
+    torch.testing.assert_close(merged["a"], torch.tensor([10.0, -9.0]))
+    torch.testing.assert_close(merged["b"], torch.zeros(2))
 
 
 @torch.no_grad()

@@ -469,7 +469,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 f"{str(error).rstrip('.')}.{_offline_note()} Pass a folder written by DaWinCLIPModel.save_pretrained "
                 "or a Hub id reachable from this machine."
             ) from error
-        # Settings passed as keyword arguments (mode="...") reach the config unchecked; check them before first use.
+        # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
+        # before the first image.
         check_mode(model.config.mode)
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "DaWin model", max_memory=requested_memory)

@@ -131,6 +131,10 @@ class DaWinMultiTaskImageClassifierOutput(ImageClassifierOutput):
     fine_tuned_logits: torch.FloatTensor | None = None
 
 
+# State-dict prefixes of a CLIPModel's image encoder, the part that `_ImageEncoder` references.
+IMAGE_ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
+
+
 class _ImageEncoder(nn.Module):
     """The image side of a CLIP endpoint without a head; references the endpoint's modules, copies nothing."""
 
@@ -520,7 +524,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------
 
     def _weights_key(self) -> tuple:
-        # Tensors created under torch.inference_mode have no version counter; see DaWinCLIPModel._weights_key.
+        # Tensors created under torch.inference_mode have no version counter (see DaWinCLIPModel._weights_key).
         return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in self.parameters())
 
     def _cached(self, name: str, extra_key: tuple, build):
@@ -760,16 +764,27 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     def merge_ties(self, density: float | None = None, scale: float | None = None) -> CLIPModel:
         """Return a plain `CLIPModel` TIES-merged from all fine-tuned endpoints, text tower included.
 
+        The image encoder (vision tower and projection) and the text side are trimmed separately, so the image
+        encoder equals the one `"ties"` mode uses.
+
         Args:
             density (`float`, *optional*): Fraction of task-vector entries kept; defaults to `config.ties_density`.
             scale (`float`, *optional*): Scale of the merged task vector; defaults to `config.ties_scale`.
         """
-        merged_state = ties_merge_state_dicts(
-            self.pretrained.state_dict(),
-            [endpoint.state_dict() for endpoint in self.fine_tuned],
-            density=self.config.ties_density if density is None else density,
-            scale=self.config.ties_scale if scale is None else scale,
-        )
+        pretrained_state = self.pretrained.state_dict()
+        endpoint_states = [endpoint.state_dict() for endpoint in self.fine_tuned]
+        image_keys = [key for key in pretrained_state if key.startswith(IMAGE_ENCODER_PREFIXES)]
+        text_keys = [key for key in pretrained_state if not key.startswith(IMAGE_ENCODER_PREFIXES)]
+        merged_state = {}
+        for keys in (image_keys, text_keys):
+            merged_state.update(
+                ties_merge_state_dicts(
+                    {key: pretrained_state[key] for key in keys},
+                    [{key: state[key] for key in keys} for state in endpoint_states],
+                    density=self.config.ties_density if density is None else density,
+                    scale=self.config.ties_scale if scale is None else scale,
+                )
+            )
         merged = copy.deepcopy(self.pretrained)
         merged.load_state_dict(merged_state)
         return merged.eval()
