@@ -12,7 +12,8 @@ zero-shot one plus noise, because cost does not depend on the values. It times, 
 - `endpoints`: both endpoints, which every dynamic mode runs first to compute its coefficients;
 - the modes `sample`, `mixture` (components already built), `static`, `zero_shot` and `output_ensemble`;
 - `reference`: the per-sample procedure of the DaWin reference code (copy the CLIP model, load weights
-  merged for the sample's coefficient, classify that one image), after the same endpoint pass;
+  merged for the sample's coefficient, all but the text transformer's blocks, classify that one image), after
+  the same endpoint pass;
 - `reference_inplace`: the same per-sample merge done in place into one working copy of the image classifier
   (`torch._foreach_copy_` and `torch._foreach_lerp_`), the fastest form of that procedure.
 
@@ -51,6 +52,7 @@ from transformers import CLIPConfig, CLIPModel
 from hf_dawin import BetaMixture, DaWinCLIPModel
 from hf_dawin.interpolation import merge_task_vectors
 from hf_dawin.modeling_dawin import CLIPImageClassifier
+from hf_dawin.placement import check_devices_available
 
 
 # Towers of the measured sizes. ViT-B/32 and ViT-L/14 follow OpenAI CLIP, text tower included: the modes never
@@ -77,6 +79,8 @@ SIZES = {
         projection_dim=768,
     ),
 }
+# Weights that the reference procedure copies but does not merge (see `reference_single_image`).
+REFERENCE_UNMERGED_PREFIX = "text_model.encoder."
 TIMED_MODES = ("forward", "endpoints", "sample", "mixture", "static", "zero_shot", "output_ensemble")
 REFERENCE_MODES = ("reference", "reference_image_classifier", "reference_inplace")
 # Targets for the ViT-B/32-sized pair at batch 32 on CPU, as ratios to one endpoint forward.
@@ -155,6 +159,10 @@ def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
         parser.error(f"--device {namespace.device!r} is not a torch device: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {namespace.device} needs CUDA, which this machine does not have; use --device cpu")
+    try:
+        check_devices_available(namespace.device, "benchmark")
+    except ValueError as error:
+        parser.error(f"--device {namespace.device}: {error}")
     for name in ("batch_size", "repeats", "num_classes", "n_components", "reference_images", "mixture_fit_size"):
         if getattr(namespace, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, received {getattr(namespace, name)}")
@@ -224,26 +232,36 @@ def vision_parameter_count(model: DaWinCLIPModel) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _without_text_blocks(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the text transformer's blocks, which the reference code's checkpoints do not contain."""
+    return {key: value for key, value in state_dict.items() if not key.startswith(REFERENCE_UNMERGED_PREFIX)}
+
+
 def reference_single_image(
     model: DaWinCLIPModel, pixel_values: torch.Tensor, coefficient: float, *, whole_model: bool = True
 ) -> torch.Tensor:
     """Classify one image the way the DaWin reference code does: copy the model, load merged weights, run it.
 
-    The reference code merges the state dicts of the whole checkpoints and deep-copies the whole CLIP model per
-    sample. With `whole_model=False` only the image classifier is copied and merged, a lower bound of that cost.
+    Per sample, the reference code deep-copies the whole CLIP model, deletes its text transformer, and loads
+    weights merged from its two checkpoints, which contain every CLIP weight except the text transformer's blocks,
+    plus the head. With `whole_model=False` only the image classifier is copied and merged, a lower bound of
+    that cost.
 
     Args:
         pixel_values (`torch.Tensor` of shape `(1, 3, height, width)`): One image.
         coefficient (`float`): Its weight on the fine-tuned endpoint.
     """
-    if whole_model:
-        zero_shot, fine_tuned = model.zero_shot, model.fine_tuned
-    else:
-        zero_shot, fine_tuned = model.endpoint_classifiers()
-    merged = copy.deepcopy(zero_shot)
-    merged.load_state_dict(merge_task_vectors(zero_shot.state_dict(), [fine_tuned.state_dict()], [coefficient]))
     if not whole_model:
+        zero_shot, fine_tuned = model.endpoint_classifiers()
+        merged = copy.deepcopy(zero_shot)
+        merged.load_state_dict(merge_task_vectors(zero_shot.state_dict(), [fine_tuned.state_dict()], [coefficient]))
         return merged(pixel_values)
+    merged = copy.deepcopy(model.zero_shot)
+    merged_weights = merge_task_vectors(
+        _without_text_blocks(model.zero_shot.state_dict()), [_without_text_blocks(model.fine_tuned.state_dict())],
+        [coefficient],
+    )  # fmt: skip
+    merged.load_state_dict(merged_weights, strict=False)
     head = copy.deepcopy(model.zero_shot_head)
     head.load_state_dict(merge_task_vectors(model.zero_shot_head.state_dict(), [model.fine_tuned_head.state_dict()], [coefficient]))
     return CLIPImageClassifier(merged.vision_model, merged.visual_projection, head)(pixel_values)
@@ -354,8 +372,11 @@ def _time_modes(size: str, model: DaWinCLIPModel, batch_size: int, arguments: Be
             measurement = timed(operation)
             if round_index >= arguments.warmup:
                 samples[name].append(measurement)
-        print(f"[{size}] round {round_index + 1}/{arguments.warmup + arguments.repeats}: "
-              + ", ".join(f"{name} {samples[name][-1][0]:.2f} s" for name in operations if samples[name]), flush=True)
+        if round_index < arguments.warmup:
+            print(f"[{size}] warm-up round {round_index + 1}/{arguments.warmup} done", flush=True)
+            continue
+        print(f"[{size}] round {round_index + 1 - arguments.warmup}/{arguments.repeats}: "
+              + ", ".join(f"{name} {samples[name][-1][0]:.2f} s" for name in operations), flush=True)
 
     for _ in range(arguments.repeats):
         model.clear_merged_cache()

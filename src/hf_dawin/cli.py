@@ -438,6 +438,7 @@ def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
 
 
 def _check_arguments(arguments: EvaluateArguments) -> None:
+    evaluation_dtype(arguments.dtype)  # rejects a precision request it cannot run before any work starts
     pair_given = arguments.zero_shot is not None or arguments.fine_tuned is not None
     if pair_given and (arguments.zero_shot is None or arguments.fine_tuned is None):
         raise SystemExit("error: --zero-shot and --fine-tuned must be given together.")

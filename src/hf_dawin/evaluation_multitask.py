@@ -440,6 +440,7 @@ def parse_multitask_arguments(argv: Sequence[str]) -> MultiTaskEvaluateArguments
 
 
 def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
+    evaluation_dtype(arguments.dtype)  # rejects a precision request it cannot run before any work starts
     endpoints_given = arguments.pretrained is not None or bool(arguments.fine_tuned)
     if endpoints_given and (arguments.pretrained is None or not arguments.fine_tuned):
         raise SystemExit("error: --pretrained needs at least one --fine-tuned endpoint, and the other way round.")
