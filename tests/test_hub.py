@@ -642,6 +642,12 @@ def test_unknown_repo_offline_from_pretrained_pair():
     assert time.perf_counter() - started < 5
 
 
+def test_unknown_repo_online_suggests_offline_mode(fake_hub):
+    with pytest.raises(OSError, match="Could not load a DaWin model from 'my-org/no-such-model'") as error:
+        DaWinCLIPModel.from_pretrained("my-org/no-such-model")
+    assert "set HF_HUB_OFFLINE=1 so that Hub lookups fail at once" in str(error.value)
+
+
 def test_unknown_repo_offline_cli(tmp_path, capsys):
     id_dir = _image_dataset(tmp_path / "pets", 0)
     capsys.readouterr()

@@ -928,7 +928,8 @@ def _load_endpoints(
 
 def _offline_note() -> str:
     if not huggingface_hub.constants.is_offline_mode():
-        return ""
+        # Without a connection, huggingface_hub retries each request before it fails.
+        return " On a machine without internet access, set HF_HUB_OFFLINE=1 so that Hub lookups fail at once."
     return " Offline mode is on (HF_HUB_OFFLINE=1), so only local folders and files already in the Hub cache load."
 
 
