@@ -160,8 +160,8 @@ def test_multitask_endpoints_share_max_memory(tiny_pair_dirs, tiny_processor):
     endpoints = [tiny_pair_dirs[1], tiny_pair_dirs[0]]
 
     # Room for two endpoints and a half: the pre-trained and the first fine-tuned endpoint fit.
-    with pytest.raises(ValueError, match=r"fine-tuned #1 \(b\) endpoint \(max_memory left after the pre-trained, "
-                                         r"fine-tuned #0 \(a\) endpoints\) does not fit"):
+    with pytest.raises(ValueError, match=r"fine-tuned #2 \(b\) endpoint \(max_memory left after the pre-trained, "
+                                         r"fine-tuned #1 \(a\) endpoints\) does not fit"):
         DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             tiny_pair_dirs[0], endpoints, tasks=MULTITASK_TASKS, fine_tuned_names=["a", "b"],
             device_map="auto", max_memory={"cpu": int(2.5 * size)},

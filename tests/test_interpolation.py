@@ -49,10 +49,10 @@ def test_long_key_lists_truncated():
     reference = {f"layer.{index:02d}.weight": torch.zeros(1) for index in range(25)}
 
     with pytest.raises(ValueError) as error:
-        check_compatible_state_dicts(reference, {}, reference_name="pre-trained", other_name="fine-tuned #0 (a)")
+        check_compatible_state_dicts(reference, {}, reference_name="pre-trained", other_name="fine-tuned #1 (a)")
 
     missing_line = next(line for line in str(error.value).splitlines() if line.startswith("Missing"))
-    assert missing_line.startswith("Missing from the fine-tuned #0 (a) endpoint (25): layer.00.weight, ")
+    assert missing_line.startswith("Missing from the fine-tuned #1 (a) endpoint (25): layer.00.weight, ")
     assert "layer.19.weight, ... and 5 more" in missing_line
     assert "layer.20.weight" not in missing_line
     assert "as the pre-trained endpoint" in str(error.value)

@@ -116,6 +116,19 @@ def test_labels_give_cross_entropy_loss(tiny_model, pixel_values):
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
 
 
+def test_save_warns_offset_without_statistics(tiny_model, pixel_values, tmp_path, caplog):
+    tiny_model.config.offset_adjustment = True
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
+        tiny_model.save_pretrained(tmp_path / "uncalibrated")
+    assert "offset_adjustment=True but no entropy statistics" in caplog.text
+
+    caplog.clear()
+    tiny_model.calibrate([pixel_values])
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
+        tiny_model.save_pretrained(tmp_path / "calibrated")
+    assert "entropy statistics" not in caplog.text
+
+
 def test_load_rejects_unknown_mode(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Unknown DaWin mode 'bogus'; valid modes are 'sample'"):

@@ -505,7 +505,7 @@ def test_tasks_not_mapping_rejected(tiny_processor):
 def test_architecture_mismatch_names_keys(tiny_processor):
     pretrained = make_clip(0)
     shallower = make_clip(1, config=tiny_clip_config(num_hidden_layers=1))
-    with pytest.raises(ValueError, match=r"Missing from the fine-tuned #1 \(.*\) endpoint") as error:
+    with pytest.raises(ValueError, match=r"Missing from the fine-tuned #2 \(.*\) endpoint") as error:
         DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             pretrained, [make_clip(2, base=pretrained), shallower], tasks=TASKS, processor=tiny_processor
         )

@@ -10,6 +10,7 @@ import socket
 import pytest
 from huggingface_hub import ModelCard, constants
 
+from hf_dawin import DaWinMultiTaskCLIPModel
 from hf_dawin.cli import main
 from hf_dawin.push_results import load_saved_results, push_saved_results, retry_command
 
@@ -117,6 +118,32 @@ def test_method_and_alpha_select_scores(fake_hub, pair_results_dir):
     alpha_one = written["wise_ft_sweep"]["alphas"].index(1.0)
     assert static[("sketch", "accuracy")] == pytest.approx(written["wise_ft_sweep"]["accuracy"]["sketch"][alpha_one])
     assert ("sketch", "f1") not in static
+
+
+def test_create_pr_prints_pull_request(fake_hub, pair_results_dir, capsys):
+    status = main(["push-results", "my-org/evaluated", "--results-dir", str(pair_results_dir), "--create-pr"])
+
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Pull request with the results opened on my-org/evaluated: " in printed
+    assert "create_pr=1" in fake_hub.commits[-1]["query"]
+
+
+def test_rejects_card_of_other_model_kind(fake_hub, multitask_endpoint_dirs, pair_results_dir, tiny_processor, capsys):
+    _, (pretrained, *fine_tuned) = multitask_endpoint_dirs
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, fine_tuned, tasks={"animals": list(TINY_CLASS_NAMES)}, processor=tiny_processor
+    )
+    model.push_to_hub("my-org/multi")
+    card_before = fake_hub.repos["my-org/multi"]["README.md"]
+
+    status = main(["push-results", "my-org/multi", "--results-dir", str(pair_results_dir)])
+
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "describes a multi-task DaWin model, but the results are from a pair (distribution-shift)" in error
+    assert len(fake_hub.commits) == 1
+    assert fake_hub.repos["my-org/multi"]["README.md"] == card_before
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -453,6 +453,8 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
         raise SystemExit("error: --push-results needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1).")
     if arguments.id_dataset is not None and not (pair_given or arguments.model):
         raise SystemExit("error: --id-dataset needs a model: --model or --zero-shot with --fine-tuned.")
+    if arguments.max_examples is not None and arguments.max_examples < 1:
+        raise SystemExit(f"error: --max-examples must be at least 1, received {arguments.max_examples}.")
     if arguments.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
     invalid_alphas = [alpha for alpha in arguments.alphas if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0)]

@@ -450,6 +450,8 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
         raise SystemExit("error: a custom model needs one --task-dataset TASK=SOURCE per task to evaluate.")
     if arguments.task_datasets and not (endpoints_given or arguments.model):
         raise SystemExit("error: --task-dataset needs a model: --model, or --pretrained with --fine-tuned.")
+    if arguments.max_examples is not None and arguments.max_examples < 1:
+        raise SystemExit(f"error: --max-examples must be at least 1, received {arguments.max_examples}.")
     if arguments.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, received {arguments.batch_size}.")
     if arguments.push_results is not None and is_offline_mode():

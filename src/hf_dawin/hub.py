@@ -32,6 +32,7 @@ __all__ = [
     "MODEL_CARDS_DIR",
     "build_merged_model_card",
     "build_model_card",
+    "check_card_kind",
     "eval_results_from",
     "method_for_mode",
     "push_card_update",
@@ -333,7 +334,8 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
     if results is None:
         body = (
             "No evaluation results were given when this card was written. `hf-dawin evaluate --model "
-            f"{repo_id or 'MODEL'} ... --push-results {repo_id or 'REPO'}` adds them here."
+            f"{repo_id or 'MODEL'} ... --push-results {repo_id or 'REPO'}` adds them here, and "
+            f"`hf-dawin push-results {repo_id or 'REPO'} --results-dir DIR` adds those of an earlier run."
         )
     else:
         id_name = results["in_distribution"]
@@ -354,8 +356,8 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
             "interpolates with a coefficient computed from the true label, so it is for analysis only.",
             summarize(dict(results), markdown=True),
             f"The `model-index` metadata of this card reports {reported}. The evaluation fits the Beta mixture "
-            "and the offset statistics on each evaluation set, so a model that uses its saved calibration "
-            "can score slightly differently.",
+            + ("and the offset statistics " if (results.get("settings") or {}).get("offset_adjustment") else "")
+            + "on each evaluation set, so a model that uses its saved calibration can score slightly differently.",
         ]
         body = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
     return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
@@ -662,6 +664,26 @@ def push_model_with_card(
         )
 
 
+def check_card_kind(card: ModelCard, repo_id: str, *, multitask: bool) -> None:
+    """Raise if a card's tags show a DaWin model of the other kind than the results about to be written into it.
+
+    Cards without those tags (written by hand, or for other models) pass.
+
+    Raises:
+        ValueError: Naming the repository, the kind of its model and the kind of the results.
+    """
+    tags = set(card.data.tags or [])
+    card_is_multitask = "multi-task" in tags
+    card_is_pair = "distribution-shift" in tags and not card_is_multitask
+    if (multitask and card_is_pair) or (not multitask and card_is_multitask):
+        model_kind = "a multi-task DaWin model" if card_is_multitask else "a DaWin pair model"
+        results_kind = "multi-task" if multitask else "pair (distribution-shift)"
+        raise ValueError(
+            f"The model card of {repo_id} describes {model_kind}, but the results are from a {results_kind} "
+            "evaluation. Push them to the repository of the model that was evaluated."
+        )
+
+
 def push_results_to_hub(
     repo_id: str,
     results: Mapping,
@@ -699,6 +721,7 @@ def push_results_to_hub(
         )  # fmt: skip
 
     def update(card: ModelCard, repo_id: str) -> None:
+        check_card_kind(card, repo_id, multitask=False)
         model_name = _default_model_name(repo_id, "model")
         update_card_results(card, results, method=method, static_alpha=static_alpha, model_name=model_name)
 

@@ -28,6 +28,7 @@ from .hub import (
     _hub_repo_id,
     _markdown_table,
     _render,
+    check_card_kind,
     push_card_update,
     push_model_with_card,
     replace_card_results,
@@ -198,7 +199,8 @@ def _results_section(results: Mapping | None, method: str, repo_id: str | None) 
     if results is None:
         body = (
             "No evaluation results were given when this card was written. `hf-dawin evaluate-multitask --model "
-            f"{repo_id or 'MODEL'} --task-dataset TASK=SOURCE ... --push-results {repo_id or 'REPO'}` adds them here."
+            f"{repo_id or 'MODEL'} --task-dataset TASK=SOURCE ... --push-results {repo_id or 'REPO'}` adds them here, "
+            f"and `hf-dawin push-results {repo_id or 'REPO'} --results-dir DIR` adds those of an earlier run."
         )
     else:
         rows = [
@@ -276,6 +278,7 @@ def push_multitask_results_to_hub(
         )  # fmt: skip
 
     def update(card: ModelCard, repo_id: str) -> None:
+        check_card_kind(card, repo_id, multitask=True)
         update_multitask_card_results(card, results, method=method, model_name=_default_model_name(repo_id, "model"))
 
     return push_card_update(

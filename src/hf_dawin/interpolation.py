@@ -189,7 +189,7 @@ def merge_task_vectors(
             f"{len(coefficients)} coefficients."
         )
     for index, endpoint in enumerate(endpoints):
-        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index}"
+        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index + 1}"
         check_compatible_state_dicts(base, endpoint, other_name=name)
 
     merged = {}
@@ -260,7 +260,7 @@ def build_merged_module(base: nn.Module, endpoints: Sequence[nn.Module], coeffic
     base_state = base.state_dict()
     endpoint_states = [endpoint.state_dict() for endpoint in endpoints]
     for index, endpoint_state in enumerate(endpoint_states):
-        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index}"
+        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index + 1}"
         check_compatible_state_dicts(base_state, endpoint_state, other_name=name)
 
     # Deep-copy the structure only: every floating-point parameter is replaced by uninitialised storage
@@ -606,7 +606,7 @@ def build_mixed_module(
     """
     base_state = base.state_dict()
     for index, endpoint in enumerate(endpoints):
-        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index}"
+        name = "fine-tuned" if len(endpoints) == 1 else f"fine-tuned #{index + 1}"
         check_compatible_state_dicts(base_state, endpoint.state_dict(), other_name=name)
     state = state if state is not None else MixingState(len(endpoints))
 

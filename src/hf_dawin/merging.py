@@ -81,6 +81,11 @@ def ties_merge_state_dicts(
     state dict split into parts (a vision tower and a head) therefore trims each part on its own. Non-floating-point
     tensors (integer buffers) are copied from `base` unchanged.
 
+    NOTE: trimming is a hard threshold, so endpoints loaded in bfloat16 or float16 can keep a slightly different
+    set of entries than the same endpoints in float32 (their task vectors are rounded), and TIES-merged
+    predictions can move more than those of the linear merges. Load the endpoints in float32 to compare with
+    published TIES numbers.
+
     Args:
         base (`Mapping[str, torch.Tensor]`): State dict of the pre-trained endpoint, theta_0.
         endpoints (`Sequence[Mapping[str, torch.Tensor]]`): State dicts theta_1 ... theta_T with the same keys.
@@ -110,7 +115,7 @@ def ties_merge_state_dicts(
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density is the fraction of task-vector entries kept and must lie in (0, 1], received {density!r}.")
     for index, endpoint in enumerate(endpoints):
-        check_compatible_state_dicts(base, endpoint, reference_name="pre-trained", other_name=f"fine-tuned #{index}")
+        check_compatible_state_dicts(base, endpoint, reference_name="pre-trained", other_name=f"fine-tuned #{index + 1}")
 
     def task_vector(endpoint, key: str) -> torch.Tensor:
         return endpoint[key].to(base[key].device).float() - base[key].float()

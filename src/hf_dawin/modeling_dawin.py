@@ -200,6 +200,11 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
                 "Saving a model in mode='mixture' without a fitted Beta mixture; its forward pass and pipelines will "
                 "raise until model.calibrate(...) or model.fit_mixture(...) is called. Fit it before saving."
             )
+        if getattr(self.config, "offset_adjustment", False) and not getattr(self.config, "entropy_statistics", None):
+            logger.warning(
+                "Saving a model with offset_adjustment=True but no entropy statistics; its forward pass and pipelines "
+                "will raise until model.calibrate(...) is called on a calibration set. Calibrate it before saving."
+            )
         push = pop_push_arguments(save_directory, kwargs)
         save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
         if push is not None:

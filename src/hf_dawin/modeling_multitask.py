@@ -360,7 +360,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             dtype = resolve_dtype(dtype)
         entries = [("pre-trained", pretrained, device_map)]
         for index, (endpoint, name) in enumerate(zip(fine_tuned, names)):
-            entries.append((f"fine-tuned #{index} ({name})", endpoint, device_map))
+            entries.append((f"fine-tuned #{index + 1} ({name})", endpoint, device_map))
         (pretrained_model, pretrained_source), *fine_tuned_loaded = _load_endpoints(
             entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
         )

@@ -190,8 +190,8 @@ def _build_parser() -> argparse.ArgumentParser:
     reported.add_argument(
         "--method",
         help=(
-            "Method reported in model-index, for example dawin_mixture or task_arithmetic; must match the "
-            "evaluated model's mode (default: dawin_sample)."
+            "Method reported in model-index, for example dawin_mixture or task_arithmetic (default: dawin_sample). "
+            "It is not checked against the model: choose the method of the model's mode."
         ),
     )
     reported.add_argument(
@@ -213,7 +213,10 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
     """
     arguments = _build_parser().parse_args(list(argv or []))
     if is_offline_mode():
-        raise SystemExit("error: pushing results needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1).")
+        raise SystemExit(
+            "error: pushing results needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE "
+            "(or set it to 0) and run the command again."
+        )
     try:
         # A wrong folder or method is reported before any network call.
         results, kind = load_saved_results(arguments.results_dir)
@@ -226,6 +229,10 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
             arguments.repo_id, arguments.results_dir, method=arguments.method, alpha=arguments.alpha,
             revision=arguments.revision, create_pr=arguments.create_pr,
         )  # fmt: skip
+    except ValueError as error:
+        # The repository's card describes another kind of model than the one these results are from.
+        print(f"hf-dawin push-results: error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:  # noqa: BLE001 - network and Hub errors have no common base class
         logger.debug("hf-dawin push-results failed.", exc_info=True)
         print(
@@ -234,5 +241,8 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"Results written into the model card of {arguments.repo_id}: {commit.commit_url}")
+    if arguments.create_pr:
+        print(f"Pull request with the results opened on {arguments.repo_id}: {commit.pr_url}")
+    else:
+        print(f"Results written into the model card of {arguments.repo_id}: {commit.commit_url}")
     return 0
