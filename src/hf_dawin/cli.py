@@ -136,6 +136,12 @@ def evaluation_dtype(requested: str | None) -> torch.dtype | None:
     return dtype
 
 
+def saved_model_dtype(requested: str | None) -> dict:
+    """Return the `from_pretrained` keyword for a saved model: the evaluation dtype, or none to keep the default."""
+    dtype = evaluation_dtype(requested)
+    return {} if dtype is None else {"dtype": dtype}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dawin", description="DaWin: dynamic weight interpolation of CLIP pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -284,7 +290,7 @@ def _suite_benchmark(arguments: EvaluateArguments):
 
     wordnet_ids = read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
+        model = DaWinCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
     else:
         if arguments.class_names:
             class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
@@ -538,7 +544,7 @@ def _custom_benchmark(arguments: EvaluateArguments):
         label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
     )
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
+        model = DaWinCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
         class_names = list(model.config.class_names)
     else:
         if arguments.class_names:

@@ -33,6 +33,7 @@ from .cli import (
     library_progress_bars,
     place_on_process_device,
     record_run_settings,
+    saved_model_dtype,
 )
 from .distributed import DistributedState, RankFailedError, get_distributed_state, is_main_launch_process
 from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
@@ -526,7 +527,7 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
         )  # fmt: skip
 
     if arguments.model:
-        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, dtype=evaluation_dtype(arguments.dtype))
+        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
