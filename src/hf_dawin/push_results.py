@@ -155,7 +155,8 @@ def push_saved_results(
         `huggingface_hub.CommitInfo` of the commit.
 
     Raises:
-        ValueError: If the results have no scores for `method` or `alpha`, or both are given.
+        ValueError: If the results have no scores for `method` or `alpha`, both are given, or the repository's
+            card describes the other kind of DaWin model (pair or multi-task) than the results come from.
     """
     results, kind = load_saved_results(path)
     method, alpha = check_reported(results, kind, method=method, alpha=alpha)
