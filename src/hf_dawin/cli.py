@@ -106,7 +106,7 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPE_NAMES),
         help=(
-            "Load the endpoints in this dtype; entropies, coefficients and the mixture stay float32. Default: the "
+            "Load the endpoints in this dtype. Entropies, coefficients and the mixture stay float32. Default: the "
             "dtype of `accelerate launch --mixed_precision` (bf16 or fp16), else float32."
         ),
     )  # fmt: skip
@@ -725,7 +725,7 @@ def library_progress_bars(enabled: bool):
 
 
 def place_on_process_device(model, state) -> None:
-    """Move `model` to this process's device unless a device map placed it; check its dtype runs there."""
+    """Move `model` to this process's device, after checking that its dtype runs there, unless a device map placed it."""
     if state.device.type == "cpu" or getattr(model, "hf_device_map", None) is not None:
         return
     check_dtype_supported(model.dtype, state.device)

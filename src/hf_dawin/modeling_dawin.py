@@ -147,7 +147,6 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """
         if isinstance(kwargs.get("config"), PreTrainedConfig):
             return
-        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
         config_dict, _ = PreTrainedConfig.get_config_dict(
             pretrained_model_name_or_path, **{name: kwargs[name] for name in names if name in kwargs}
@@ -271,6 +270,29 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
             # transformers 5 nests the image processor inside processor_config.json; a separate
             # preprocessor_config.json keeps AutoImageProcessor and pipelines working on the folder too.
             self.image_processor.save_pretrained(folder)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Derived classifiers (mixed, merged), cached in `self._derived` while the weights stay unchanged
+    # ------------------------------------------------------------------------------------------------------
+
+    def _weights_key(self) -> tuple:
+        # NOTE: tensors created under torch.inference_mode have no version counter, so an in-place change of
+        # such a weight is not detected; call clear_merged_cache() after editing weights in place.
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in self.parameters())
+
+    def _cached(self, name: str, extra_key: tuple, build):
+        key = (self._weights_key(), extra_key)
+        cached = self._derived.get(name)
+        if cached is None or cached[0] != key:
+            # Built outside inference mode, so that a classifier first built under torch.inference_mode() still
+            # serves later calls with autograd enabled (inference tensors cannot be used there).
+            with torch.inference_mode(False), torch.no_grad():
+                self._derived[name] = (key, build())
+        return self._derived[name][1]
+
+    def clear_merged_cache(self) -> None:
+        """Drop the cached mixed and merged classifiers to free memory."""
+        self._derived.clear()
 
 
 class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
@@ -555,23 +577,6 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         coefficients = coefficients_from_entropies(zero_shot_entropy, fine_tuned_entropy, statistics)
         return coefficients, zero_shot_entropy, fine_tuned_entropy
 
-    def _weights_key(self) -> tuple:
-        tensors = list(self.zero_shot.parameters()) + list(self.fine_tuned.parameters())
-        tensors += list(self.zero_shot_head.parameters()) + list(self.fine_tuned_head.parameters())
-        # NOTE: tensors created under torch.inference_mode have no version counter, so an in-place change of
-        # such a weight is not detected; call clear_merged_cache() after editing weights in place.
-        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in tensors)
-
-    def _cached(self, name: str, extra_key: tuple, build):
-        key = (self._weights_key(), extra_key)
-        cached = self._derived.get(name)
-        if cached is None or cached[0] != key:
-            # Built outside inference mode, so that a classifier first built under torch.inference_mode() still
-            # serves later calls with autograd enabled (inference tensors cannot be used there).
-            with torch.inference_mode(False), torch.no_grad():
-                self._derived[name] = (key, build())
-        return self._derived[name][1]
-
     def mixed_classifier(self):
         """Return the per-sample interpolated classifier and its coefficient holder (built once, cached)."""
 
@@ -618,10 +623,6 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             return self.endpoint_classifiers()[0](pixel_values.to(self.zero_shot_head.weight.device)).float().to(pixel_values.device)
         classifier = self.merged_classifier(alpha)
         return _run_on_own_device(classifier, pixel_values).float().to(pixel_values.device)
-
-    def clear_merged_cache(self) -> None:
-        """Drop cached merged classifiers and the mixed classifier to free memory."""
-        self._derived.clear()
 
     # ------------------------------------------------------------------------------------------------------
     # Mixture and calibration

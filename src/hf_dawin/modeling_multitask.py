@@ -53,6 +53,7 @@ from .modeling_dawin import (
     _run_on_own_device,
     batch_pixel_values,
     check_label_indices,
+    check_local_folder,
 )
 from .placement import check_devices_available, resolve_dtype
 from .templates import load_templates, validate_templates
@@ -431,6 +432,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
+        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -522,24 +524,6 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------
     # Derived classifiers, cached while the weights stay unchanged
     # ------------------------------------------------------------------------------------------------------
-
-    def _weights_key(self) -> tuple:
-        # Tensors created under torch.inference_mode have no version counter (see DaWinCLIPModel._weights_key).
-        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, t.dtype) for t in self.parameters())
-
-    def _cached(self, name: str, extra_key: tuple, build):
-        key = (self._weights_key(), extra_key)
-        cached = self._derived.get(name)
-        if cached is None or cached[0] != key:
-            # Built outside inference mode, so that a classifier first built under torch.inference_mode() still
-            # serves later calls with autograd enabled (inference tensors cannot be used there).
-            with torch.inference_mode(False), torch.no_grad():
-                self._derived[name] = (key, build())
-        return self._derived[name][1]
-
-    def clear_merged_cache(self) -> None:
-        """Drop cached mixed and merged classifiers to free memory."""
-        self._derived.clear()
 
     def _encoders(self) -> tuple[_ImageEncoder, list[_ImageEncoder]]:
         return _ImageEncoder(self.pretrained), [_ImageEncoder(endpoint) for endpoint in self.fine_tuned]

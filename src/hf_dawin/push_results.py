@@ -160,18 +160,19 @@ def push_saved_results(
     """
     results, kind = load_saved_results(path)
     method, alpha = check_reported(results, kind, method=method, alpha=alpha)
+    return _push_checked(repo_id, results, kind, method, alpha, token=token, revision=revision, create_pr=create_pr)
+
+
+def _push_checked(repo_id: str, results: dict, kind: str, method: str | None, alpha: float | None, **hub_options):
+    """Push results that [`check_reported`] accepted with the push function of their kind."""
     if kind == "multitask":
         from .hub_multitask import push_multitask_results_to_hub
 
-        return push_multitask_results_to_hub(
-            repo_id, results, method=method, token=token, revision=revision, create_pr=create_pr
-        )
+        return push_multitask_results_to_hub(repo_id, results, method=method, **hub_options)
 
     from .hub import push_results_to_hub
 
-    return push_results_to_hub(
-        repo_id, results, method=method, static_alpha=alpha, token=token, revision=revision, create_pr=create_pr
-    )
+    return push_results_to_hub(repo_id, results, method=method, static_alpha=alpha, **hub_options)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -221,15 +222,14 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
     try:
         # A wrong folder or method is reported before any network call.
         results, kind = load_saved_results(arguments.results_dir)
-        check_reported(results, kind, method=arguments.method, alpha=arguments.alpha)
+        method, alpha = check_reported(results, kind, method=arguments.method, alpha=arguments.alpha)
     except (OSError, ValueError) as error:
         print(f"hf-dawin push-results: error: {error}", file=sys.stderr)
         return 1
     try:
-        commit = push_saved_results(
-            arguments.repo_id, arguments.results_dir, method=arguments.method, alpha=arguments.alpha,
-            revision=arguments.revision, create_pr=arguments.create_pr,
-        )  # fmt: skip
+        commit = _push_checked(
+            arguments.repo_id, results, kind, method, alpha, revision=arguments.revision, create_pr=arguments.create_pr
+        )
     except ValueError as error:
         # The repository's card describes another kind of model than the one these results are from.
         print(f"hf-dawin push-results: error: {error}", file=sys.stderr)
