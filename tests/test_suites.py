@@ -150,6 +150,17 @@ def test_in_distribution_projection():
     assert list(subset.indices) == [2]
 
 
+def test_in_distribution_names_in_other_order():
+    permuted = [NAMES[2], NAMES[0], NAMES[3], NAMES[1]]
+
+    projection = in_distribution_projection(NAMES, permuted)
+    shifted = projection_for_dataset(NAMES, permuted, reference_label_names=permuted)
+
+    assert list(projection.indices) == [2, 0, 3, 1]
+    assert list(shifted.indices) == [2, 0, 3, 1]
+    assert in_distribution_projection(NAMES, [name.upper() for name in NAMES]) is None
+
+
 def test_split_source(tmp_path):
     assert split_source("ILSVRC/imagenet-1k:validation") == ("ILSVRC/imagenet-1k", "validation")
     assert split_source("ILSVRC/imagenet-1k:validation[:100]") == ("ILSVRC/imagenet-1k", "validation[:100]")
@@ -449,6 +460,34 @@ def test_cli_integer_labels_in_shift_sets(tiny_pair_dirs, tmp_path, capsys):
         *arguments, "--shift-dataset", f"bad={out_of_range}", "--output-dir", str(tmp_path / "out2"),
     ], capsys)  # fmt: skip
     assert "outside the valid range [0, 3]: 9" in error
+
+
+def test_cli_class_names_order_does_not_change_scores(tiny_pair_dirs, tmp_path):
+    from .conftest import TINY_CLASS_NAMES
+
+    # imagefolder sorts class folders, so the datasets' label order differs from the model's class order.
+    sorted_names = sorted(TINY_CLASS_NAMES)
+    labels = [0, 1, 2, 3, 3, 2, 1, 0, 2, 1]
+    id_dataset = saved_dataset(tmp_path / "id", sorted_names, labels)
+    shifted = saved_dataset(tmp_path / "shift", sorted_names, labels[::-1])
+    scores = {}
+    for order, names in (("model", TINY_CLASS_NAMES), ("sorted", sorted_names)):
+        class_names = tmp_path / f"{order}.txt"
+        class_names.write_text("\n".join(names) + "\n")
+        output_dir = tmp_path / f"out_{order}"
+        exit_code = main([
+            "evaluate", *pair_arguments(tiny_pair_dirs), "--class-names", str(class_names),
+            "--id-dataset", str(id_dataset), "--shift-dataset", f"shift={shifted}", "--alphas", "0,1",
+            "--output-dir", str(output_dir), "--no-progress", "--no-plots",
+        ])  # fmt: skip
+        assert exit_code == 0
+        results = json.loads((output_dir / "results.json").read_text())
+        scores[order] = {
+            name: {method: entry["scores"][method]["accuracy"] for method in ("zero_shot", "fine_tuned", "dawin_sample")}
+            for name, entry in results["sets"].items()
+        }
+
+    assert scores["model"] == scores["sorted"]
 
 
 def test_cli_integer_labels_out_of_range(suite_root, tiny_pair_dirs, tmp_path, capsys):

@@ -101,7 +101,8 @@ def _format_names(names: Sequence[str]) -> str:
     return text
 
 
-def _normalize_name(name: str) -> str:
+def normalize_class_name(name: str) -> str:
+    """Return the form in which class names are compared: surrounding spaces stripped, case folded."""
     return name.strip().casefold()
 
 
@@ -330,9 +331,9 @@ def projection_from_class_names(
 
     positions: dict[str, list[int]] = {}
     for index, name in enumerate(model_class_names):
-        positions.setdefault(_normalize_name(name), []).append(index)
+        positions.setdefault(normalize_class_name(name), []).append(index)
 
-    missing = [name for name in eval_class_names if _normalize_name(name) not in positions]
+    missing = [name for name in eval_class_names if normalize_class_name(name) not in positions]
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(eval_class_names)} evaluation class names were not found among the "
@@ -341,9 +342,9 @@ def projection_from_class_names(
             "--wordnet-ids FILE with hf-dawin evaluate."
         )
     ambiguous = {
-        name: positions[_normalize_name(name)]
+        name: positions[normalize_class_name(name)]
         for name in eval_class_names
-        if len(positions[_normalize_name(name)]) > 1
+        if len(positions[normalize_class_name(name)]) > 1
     }
     if ambiguous:
         described = ", ".join(f"{name!r} (model classes {indices})" for name, indices in ambiguous.items())
@@ -353,7 +354,7 @@ def projection_from_class_names(
             "or give the model classes distinct names."
         )
 
-    indices = [positions[_normalize_name(name)][0] for name in eval_class_names]
+    indices = [positions[normalize_class_name(name)][0] for name in eval_class_names]
     return LabelSpaceProjection(
         num_model_classes=len(model_class_names), indices=indices, class_names=eval_class_names
     )
@@ -526,7 +527,7 @@ def objectnet_projection(
         num_model_classes = len(model_class_names)
         model_positions: dict[str, list[int]] = {}
         for index, name in enumerate(model_class_names):
-            model_positions.setdefault(_normalize_name(name), []).append(index)
+            model_positions.setdefault(normalize_class_name(name), []).append(index)
     elif model_wnids is not None:
         model_wnids = _check_wordnet_ids(model_wnids, "model_wnids")
         if len(set(model_wnids)) != NUM_IMAGENET_CLASSES or len(model_wnids) != NUM_IMAGENET_CLASSES:
@@ -569,7 +570,7 @@ def objectnet_projection(
                 ambiguous_descriptions.append(description)
                 continue
             if model_class_names is not None:
-                matches = model_positions.get(_normalize_name(description), [])
+                matches = model_positions.get(normalize_class_name(description), [])
                 if len(matches) != 1:
                     missing_in_model.append(description)
                     continue
@@ -616,6 +617,7 @@ __all__ = [
     "LabelSpaceProjection",
     "ProjectionKind",
     "SuiteDataset",
+    "normalize_class_name",
     "objectnet_projection",
     "projection_from_class_names",
     "projection_from_wordnet_ids",

@@ -28,6 +28,7 @@ from .label_spaces import (
     STANDARD_SUITE,
     LabelSpaceProjection,
     objectnet_projection,
+    normalize_class_name,
     projection_from_class_names,
     projection_from_wordnet_ids,
 )
@@ -62,6 +63,14 @@ _CLASS_INDEX = re.compile(r"\d+")
 def are_wordnet_ids(names: Sequence[str]) -> bool:
     """Return whether every name is a WordNet id such as `n01440764` (and there is at least one)."""
     return bool(names) and all(_WORDNET_ID.fullmatch(name.strip()) for name in names)
+
+
+def _match_all_names(model_class_names: Sequence[str], label_names: Sequence[str]) -> bool:
+    """Return whether every label name is exactly one model class name (ignoring case and surrounding spaces)."""
+    counts: dict[str, int] = {}
+    for name in model_class_names:
+        counts[normalize_class_name(name)] = counts.get(normalize_class_name(name), 0) + 1
+    return all(counts.get(normalize_class_name(name)) == 1 for name in label_names)
 
 
 def _all_class_indices(names: Sequence[str]) -> bool:
@@ -180,6 +189,10 @@ def _match_label_space(
     num_model_classes = len(model_class_names)
     if label_names == model_class_names:
         return None
+    # Names that are all model classes are matched by name, whatever their order. Only other names may take
+    # the model classes by position through the in-distribution dataset.
+    if _match_all_names(model_class_names, label_names):
+        return projection_from_class_names(model_class_names, label_names)
     if reference_label_names is not None and label_names == list(reference_label_names):
         if len(reference_label_names) != num_model_classes:
             raise ValueError(
@@ -230,7 +243,8 @@ def in_distribution_projection(
 ) -> LabelSpaceProjection | None:
     """Find how the in-distribution dataset's labels relate to the model's classes.
 
-    With as many labels as model classes, label `i` is model class `i` (an ImageNet folder named by WordNet id
+    Label names that are all model class names (ignoring case) are matched by name, in any order. Otherwise,
+    with as many labels as model classes, label `i` is model class `i` (an ImageNet folder named by WordNet id
     beside readable class names, for example), unless the labels are class indices in string order. A dataset
     with fewer labels is matched like a shifted one ([`projection_for_dataset`]).
     """
@@ -238,6 +252,11 @@ def in_distribution_projection(
     label_names = list(label_names)
     if label_names == model_class_names:
         return None
+    if _match_all_names(model_class_names, label_names):
+        projection = projection_from_class_names(model_class_names, label_names)
+        if projection.kind != "identity":
+            logger.info("The in-distribution dataset's labels are the model's classes in another order; matched by name.")
+        return None if projection.kind == "identity" else projection
     if _all_class_indices(label_names) and not _all_class_indices(model_class_names):
         projection = _projection_from_indices(len(model_class_names), label_names)
         return None if projection.kind == "identity" else projection
