@@ -513,6 +513,24 @@ def test_push_results_updates_existing_card(fake_hub, results):
     assert entries[("other-set", "accuracy")] == pytest.approx(0.42)
     assert entries[("pets", "accuracy")] == pytest.approx(results["sets"]["pets"]["scores"]["dawin_sample"]["accuracy"])
     assert summarize(results, markdown=True) in card.text
+    assert "entries for datasets that this evaluation did not cover: `other-set`." in card.text
+
+
+def test_push_results_other_method_drops_stale_metrics(fake_hub, results):
+    push_results_to_hub("my-org/tiny-dawin", results, method="dawin_sample")
+
+    push_results_to_hub("my-org/tiny-dawin", results, method=None, static_alpha=0.5)
+
+    card = ModelCard(fake_hub.repos["my-org/tiny-dawin"]["README.md"].decode())
+    # WiSE-FT reports accuracy only, so DaWin's macro F1 from the first push must not stay beside it.
+    assert set(model_index(card)) == {("pets", "accuracy"), ("pets-sketch", "accuracy")}
+    alpha_index = results["wise_ft_sweep"]["alphas"].index(0.5)
+    assert model_index(card)[("pets", "accuracy")] == pytest.approx(
+        results["wise_ft_sweep"]["accuracy"]["pets"][alpha_index]
+    )
+    assert "did not cover" not in card.text
+    assert "reports WiSE-FT at alpha = 0.5, the model's static weights." in card.text
+    assert "fits the Beta mixture" not in card.text
 
 
 def test_push_results_keeps_model_weights(fake_hub, hub_model, results):

@@ -329,7 +329,28 @@ def _evaluation_settings_sentence(settings: Mapping) -> str:
     return f"Evaluation settings: {', '.join(parts)}." if parts else ""
 
 
-def _results_section(results: Mapping | None, method: str | None, repo_id: str | None) -> str:
+def _reported_method_sentence(results: Mapping, method: str | None, static_alpha: float | None) -> str:
+    """Say which method the `model-index` reports and what set-level fitting its scores depend on."""
+    if method is None:
+        alpha = f" at alpha = {static_alpha:g}" if static_alpha is not None else " at the saved alpha"
+        return f"The `model-index` metadata of this card reports WiSE-FT{alpha}, the model's static weights."
+    sentence = f"The `model-index` metadata of this card reports {METHOD_LABELS.get(method, method)}."
+    offset = bool((results.get("settings") or {}).get("offset_adjustment"))
+    if method == "dawin_mixture":
+        fitted = "the Beta mixture and the offset statistics" if offset else "the Beta mixture"
+    elif offset and method in ("dawin_sample", "output_ensemble"):
+        fitted = "the offset statistics"
+    else:
+        return sentence
+    return (
+        f"{sentence} The evaluation fits {fitted} on each evaluation set, so a model that uses its saved "
+        "calibration can score slightly differently."
+    )
+
+
+def _results_section(
+    results: Mapping | None, method: str | None, repo_id: str | None, static_alpha: float | None = None
+) -> str:
     """Render the evaluation section, between the markers that `update_card_results` replaces."""
     if results is None:
         body = (
@@ -346,7 +367,6 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
             skipped = entry.get("num_skipped", 0)
             rows.append((name, role, entry["num_examples"], skipped, entry["num_classes"]))
         sets_table = _markdown_table(("Set", "Role", "Images", "Skipped (unreadable)", "Classes"), rows)
-        reported = METHOD_LABELS.get(method, method) if method else "WiSE-FT at the saved alpha"
         shifts = ", ".join(ood_names) if ood_names else "none"
         paragraphs = [
             f"In-distribution (ID) set: {id_name}. Distribution shifts (OOD): {shifts}.",
@@ -355,9 +375,7 @@ def _results_section(results: Mapping | None, method: str | None, repo_id: str |
             "Accuracy (%) of DaWin and its baselines. OOD avg is the mean over the shifted sets, and the oracle "
             "interpolates with a coefficient computed from the true label, so it is for analysis only.",
             summarize(dict(results), markdown=True),
-            f"The `model-index` metadata of this card reports {reported}. The evaluation fits the Beta mixture "
-            + ("and the offset statistics " if (results.get("settings") or {}).get("offset_adjustment") else "")
-            + "on each evaluation set, so a model that uses its saved calibration can score slightly differently.",
+            _reported_method_sentence(results, method, static_alpha),
         ]
         body = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
     return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
@@ -412,9 +430,9 @@ def build_model_card(
     config = model.config
     model_name = _default_model_name(repo_id, "DaWin CLIP classifier")
     method = method or method_for_mode(config)
+    static_alpha = config.alpha if method is None else None
     eval_results = None
     if results is not None:
-        static_alpha = config.alpha if method is None else None
         eval_results = eval_results_from(results, method=method, static_alpha=static_alpha)
     base_models = _base_models(config)
     card_data = ModelCardData(
@@ -444,7 +462,7 @@ def build_model_card(
         mode_description=_mode_description(config),
         mixture_block=_mixture_block(config),
         statistics_block=_statistics_block(config),
-        results_section=_results_section(results, method, repo_id),
+        results_section=_results_section(results, method, repo_id, static_alpha),
         citation=CITATION,
     )
 
@@ -459,8 +477,9 @@ def update_card_results(
 ) -> ModelCard:
     """Write an evaluation into an existing card: `model-index` entries and the evaluation section.
 
-    Entries of the card for the same task, dataset and metric are replaced; entries for other datasets stay. The
-    text between the hf-dawin evaluation markers is replaced, or a new "Evaluation" section is appended.
+    Every entry of the card for a dataset in `results` is replaced, whatever its metric. Entries for other
+    datasets stay, and the evaluation section names them. The text between the hf-dawin evaluation markers is
+    replaced, or a new "Evaluation" section is appended.
 
     Args:
         card (`ModelCard`): The card to update in place.
@@ -473,7 +492,8 @@ def update_card_results(
         The updated `card`.
     """
     new_results = eval_results_from(results, method=method, static_alpha=static_alpha)
-    return replace_card_results(card, new_results, _results_section(results, method, None), model_name=model_name)
+    section = _results_section(results, method, None, static_alpha)
+    return replace_card_results(card, new_results, section, model_name=model_name)
 
 
 def replace_card_results(
@@ -481,8 +501,9 @@ def replace_card_results(
 ) -> ModelCard:
     """Put `model-index` entries and an evaluation section into a card, replacing those of an earlier evaluation.
 
-    Entries for the same task, dataset and metric as one of `new_results` are replaced; the others stay. The text
-    between the hf-dawin evaluation markers becomes `section`, or an "Evaluation" section is appended.
+    Every entry for a task and dataset of `new_results` is replaced, whatever its metric. Entries for other
+    datasets stay, and the section then names those datasets. The text between the hf-dawin evaluation markers
+    becomes `section`, or an "Evaluation" section is appended.
 
     Args:
         card (`ModelCard`): The card to update in place.
@@ -493,13 +514,18 @@ def replace_card_results(
     Returns:
         The updated `card`.
     """
-    replaced = {(result.unique_identifier, result.metric_type) for result in new_results}
-    kept = [
-        result
-        for result in (card.data.eval_results or [])
-        if (result.unique_identifier, result.metric_type) not in replaced
-    ]
+    # Every entry of a re-evaluated dataset goes, so no metric of an earlier method outlives it.
+    replaced = {result.unique_identifier for result in new_results}
+    kept = [result for result in (card.data.eval_results or []) if result.unique_identifier not in replaced]
     card.data.eval_results = kept + list(new_results)
+    if kept:
+        other_datasets = ", ".join(f"`{name}`" for name in dict.fromkeys(result.dataset_name for result in kept))
+        note = (
+            f"\nThe `model-index` metadata also keeps entries for datasets that this evaluation did not cover: "
+            f"{other_datasets}. They come from an earlier evaluation or were written by hand.\n"
+        )
+        end = section.rfind(RESULTS_END_MARKER)
+        section = section[:end] + note + section[end:]
     card.data.model_name = card.data.model_name or model_name or "model"
     card.data.metrics = sorted(set(card.data.metrics or []) | {"accuracy", "f1"})
 

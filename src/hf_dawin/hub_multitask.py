@@ -93,7 +93,7 @@ def _endpoints_table(config, coefficients: Sequence[float] | None = None) -> str
     headers = ["Endpoint", "Name", "Checkpoint"]
     rows = [["pre-trained", "", _describe_source(config.pretrained_name_or_path)]]
     for index, (name, source) in enumerate(zip(config.fine_tuned_names, sources)):
-        rows.append([f"fine-tuned {index}", f"`{name}`", _describe_source(source)])
+        rows.append([f"fine-tuned {index + 1}", f"`{name}`", _describe_source(source)])
     if coefficients is not None:
         headers.append("Coefficient c_t")
         rows[0].append("")
@@ -224,7 +224,8 @@ def update_multitask_card_results(
 ) -> ModelCard:
     """Write a multi-task evaluation into an existing card: `model-index` entries per task and the evaluation text.
 
-    Entries of the card for the same task, dataset and metric are replaced; the others stay.
+    Every entry of the card for an evaluated task's dataset is replaced, whatever its metric. Entries for other
+    datasets stay, and the evaluation section names them.
 
     Args:
         card (`ModelCard`): The card to update in place.
