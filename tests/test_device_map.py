@@ -192,3 +192,30 @@ def test_multitask_loaded_endpoints_cast_and_copied(tiny_processor, tmp_path):
         DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             pretrained, [fine_tuned], tasks=MULTITASK_TASKS, processor=tiny_processor, device_map="auto"
         )
+
+
+def test_saved_models_check_map_keys_and_fit(tiny_model, tiny_processor, tmp_path):
+    from hf_dawin import DaWinMultiTaskCLIPModel
+
+    tiny_model.save_pretrained(tmp_path / "dawin")
+    pretrained = make_clip(0)
+    multitask = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, [make_clip(1, base=pretrained, noise=0.3)], tasks=MULTITASK_TASKS, processor=tiny_processor,
+    )  # fmt: skip
+    multitask.save_pretrained(tmp_path / "multitask")
+
+    with pytest.raises(ValueError, match=r"has keys \['zeroshot'\], which are not modules of a DaWinCLIPModel"):
+        DaWinCLIPModel.from_pretrained(tmp_path / "dawin", device_map={"zeroshot": "cpu"})
+    with pytest.raises(ValueError, match=r"has keys \['pretrain'\], which are not modules of a DaWinMultiTaskCLIPModel"):
+        DaWinMultiTaskCLIPModel.from_pretrained(tmp_path / "multitask", device_map={"pretrain": "cpu"})
+    with pytest.raises(ValueError, match=r"multi-task DaWin model does not fit.*max_memory: cpu: 1000 B"):
+        DaWinMultiTaskCLIPModel.from_pretrained(tmp_path / "multitask", device_map="auto", max_memory={"cpu": 1000})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_max_memory_for_missing_gpu_rejected(tiny_pair_dirs, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="max_memory of the endpoints names 0, but CUDA is not available"):
+        _pair(tiny_pair_dirs, device_map="auto", max_memory={0: "1GiB", "cpu": "1GiB"})
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="max_memory of the DaWin model names 'cuda:3', but CUDA is not available"):
+        DaWinCLIPModel.from_pretrained(tmp_path, device_map="auto", max_memory={"cuda:3": "1GiB"})

@@ -135,6 +135,23 @@ def test_load_rejects_unknown_mode(tiny_model, tmp_path):
         DaWinCLIPModel.from_pretrained(tmp_path, mode="bogus")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"alpha": 3}, "alpha"),
+        ({"temperatures": [0, 1]}, "emperature"),
+        ({"n_components": 0}, "n_components must be a positive integer, received 0"),
+        ({"offset_adjustment": "yes"}, "offset_adjustment must be True or False, received 'yes'"),
+        ({"class_names": ["a", "a", "b", "c"]}, "contains duplicates: \\['a'\\]"),
+        ({"class_names": ["a", "b"]}, "class_names lists 2 classes, but the saved heads have 4"),
+    ],
+)
+def test_load_checks_setting_overrides(tiny_model, tmp_path, override, message):
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DaWinCLIPModel.from_pretrained(tmp_path, **override)
+
+
 @torch.no_grad()
 def test_save_load_round_trip(tiny_model, pixel_values, tmp_path):
     tiny_model.fit_mixture(torch.tensor([0.1, 0.2, 0.5, 0.55, 0.9, 0.95]), n_components=2)
@@ -257,7 +274,7 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
 
 @pytest.mark.parametrize(
     ("class_names", "message"),
-    [([], "class_names is empty"), (["cat", "dog", "cat"], "contains duplicates: \\['cat'\\]"), (["cat", " "], "non-empty")],
+    [([], "class_names is empty"), (["cat", "dog", "cat"], "contains duplicates: \\['cat'\\] \\('cat' at indices \\[0, 2\\]\\)"), (["cat", " "], "non-empty")],
 )
 def test_bad_class_names(tiny_endpoints, tiny_processor, class_names, message):
     with pytest.raises(ValueError, match=message):
@@ -406,3 +423,32 @@ def test_loading_multitask_folder_names_the_class(tiny_processor, tmp_path):
 
     with pytest.raises(ValueError, match="type 'dawin_multitask_clip'.*Load it with DaWinMultiTaskCLIPModel"):
         DaWinCLIPModel.from_pretrained(tmp_path / "multitask")
+
+
+def test_endpoint_folder_of_other_model_rejected(tiny_model, tiny_pair_dirs, tiny_processor, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionModelWithProjection
+
+    tiny_model.save_pretrained(tmp_path / "dawin")
+    vision_only = CLIPVisionModelWithProjection(tiny_model.zero_shot.config.vision_config)
+    vision_only.save_pretrained(tmp_path / "vision")
+    # A CLIP checkpoint whose text projection was dropped from the weights file.
+    partial = tmp_path / "partial"
+    tiny_model.zero_shot.save_pretrained(partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({key: value for key, value in weights.items() if key != "text_projection.weight"}, partial / "model.safetensors")
+    build = {"class_names": TINY_CLASS_NAMES, "templates": TINY_TEMPLATES, "processor": tiny_processor}
+
+    with pytest.raises(ValueError, match="zero-shot endpoint .* 'dawin_clip'.*load it with DaWinCLIPModel.from_pretrained"):
+        DaWinCLIPModel.from_pretrained_pair(tmp_path / "dawin", tiny_pair_dirs[1], **build)
+    with pytest.raises(ValueError, match="fine-tuned endpoint .* model_type 'clip_vision_model'"):
+        DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], tmp_path / "vision", **build)
+    with pytest.raises(ValueError, match="fine-tuned endpoint .* lacks 1 CLIPModel weights.*: text_projection.weight\\."):
+        DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], partial, **build)
+
+
+def test_misspelt_forward_argument_rejected(tiny_model, pixel_values):
+    with pytest.raises(TypeError, match=r"got unexpected keyword arguments \['moed'\]. It accepts pixel_values, labels"):
+        tiny_model(pixel_values=pixel_values, moed="zero_shot")
+    # Arguments that transformers passes to every model are accepted.
+    tiny_model(pixel_values=pixel_values, output_attentions=False, num_items_in_batch=4)

@@ -478,6 +478,8 @@ def test_unknown_task_lists_tasks(model, images):
         model(pixel_values=images, task="shapes")
     with pytest.raises(ValueError, match=r"Unknown task 'shapes'.*'animals', 'colours'"):
         model.fine_tuned_logits(images, "shapes")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['taks'\]. It accepts pixel_values, task"):
+        model(pixel_values=images, taks="colours")
 
 
 def test_no_fine_tuned_endpoint_rejected(tiny_processor):

@@ -92,12 +92,14 @@ def _relative_spread(std: float, mean: float) -> float:
     return 0.0 if mean < _MIN_MEAN_ENTROPY else std / mean
 
 
-def check_finite_logits(logits: torch.Tensor, endpoint: str) -> None:
+def check_finite_logits(logits: torch.Tensor, endpoint: str, *, checkpoints: str | None = None) -> None:
     """Raise if `logits` of `endpoint` contain NaN or infinite values.
 
     Args:
         logits (`torch.Tensor` of shape `(batch_size, num_classes)`): Logits of one endpoint.
         endpoint (`str`): Name of the endpoint, used in the error message.
+        checkpoints (`str`, *optional*): The checkpoints the message asks to check; defaults to the endpoint's
+            own ("the zero-shot checkpoint").
 
     Raises:
         ValueError: If any value is not finite. The message names the endpoint and the affected samples.
@@ -107,11 +109,12 @@ def check_finite_logits(logits: torch.Tensor, endpoint: str) -> None:
         return
     bad_rows = (~finite).reshape(logits.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
     shown = bad_rows[:10]
+    checkpoints = checkpoints or f"the {endpoint} checkpoint"
     raise ValueError(
         f"The {endpoint} endpoint produced NaN or infinite logits for {len(bad_rows)} sample(s) (batch indices "
-        f"{shown}{' ...' if len(bad_rows) > len(shown) else ''}); coefficients would be undefined. Check that the "
-        f"{endpoint} checkpoint loaded correctly and that the inputs are finite and normalised as its image "
-        "processor expects."
+        f"{shown}{' ...' if len(bad_rows) > len(shown) else ''}); coefficients would be undefined. Check that "
+        f"{checkpoints} loaded correctly and that the inputs are finite and normalised as the image processor "
+        "expects."
     )
 
 

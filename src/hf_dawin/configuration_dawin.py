@@ -90,16 +90,26 @@ class DaWinCLIPConfig(PreTrainedConfig):
     head_sources: dict | None = None
 
     def __post_init__(self, **kwargs):
+        self.check_settings()
+        super().__post_init__(**kwargs)
+
+    def check_settings(self) -> None:
+        """Check the interpolation settings, normalise their types, and raise a ValueError naming a bad one.
+
+        `DaWinCLIPModel.from_pretrained` calls this again, because transformers sets the settings passed to it as
+        keyword arguments after construction, without checks.
+        """
         check_mode(self.mode)
         self.alpha = check_alpha(self.alpha)
         self.temperatures = list(check_temperatures(self.temperatures if self.temperatures is not None else (1.0, 1.0)))
         if isinstance(self.n_components, bool) or not isinstance(self.n_components, int) or self.n_components < 1:
             raise ValueError(f"n_components must be a positive integer, received {self.n_components!r}.")
+        if not isinstance(self.offset_adjustment, bool):
+            raise ValueError(f"offset_adjustment must be True or False, received {self.offset_adjustment!r}.")
         if self.class_names is not None:
             self.class_names = check_class_names(self.class_names)
             self.id2label = {index: name for index, name in enumerate(self.class_names)}
             self.label2id = {name: index for index, name in enumerate(self.class_names)}
-        super().__post_init__(**kwargs)
 
     @property
     def num_classes(self) -> int:

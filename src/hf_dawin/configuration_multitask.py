@@ -155,23 +155,11 @@ class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
     ties_scale: float = DEFAULT_TIES_SCALE
 
     def __post_init__(self, **kwargs):
-        check_multitask_mode(self.mode)
-        self.scale = check_scale(self.scale)
-        self.ties_scale = _check_positive(self.ties_scale, "ties_scale", "the scale of the TIES-merged task vector")
-        if (
-            isinstance(self.ties_density, bool)
-            or not isinstance(self.ties_density, (int, float))
-            or not 0 < self.ties_density <= 1
-        ):
-            raise ValueError(
-                f"ties_density is the fraction of task-vector entries TIES-merging keeps and must lie in (0, 1], "
-                f"received {self.ties_density!r}."
-            )
-        self.ties_density = float(self.ties_density)
+        self.check_settings()
         if isinstance(self.num_fine_tuned, bool) or not isinstance(self.num_fine_tuned, int) or self.num_fine_tuned < 0:
             raise ValueError(f"num_fine_tuned must be a non-negative integer, received {self.num_fine_tuned!r}.")
         if self.fine_tuned_names is None:
-            self.fine_tuned_names = [f"fine_tuned_{index}" for index in range(self.num_fine_tuned)]
+            self.fine_tuned_names = [f"fine_tuned_{index + 1}" for index in range(self.num_fine_tuned)]
         if len(self.fine_tuned_names) != self.num_fine_tuned:
             raise ValueError(
                 f"Expected one name per fine-tuned endpoint ({self.num_fine_tuned}), received "
@@ -186,6 +174,26 @@ class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
                 check_task(self.default_task, self.tasks)
                 self._set_labels(self.default_task)
         super().__post_init__(**kwargs)
+
+    def check_settings(self) -> None:
+        """Check the merging settings (mode, scales, TIES density) and raise a ValueError naming a bad one.
+
+        `DaWinMultiTaskCLIPModel.from_pretrained` calls this again, because transformers sets the settings passed
+        to it as keyword arguments after construction, without checks.
+        """
+        check_multitask_mode(self.mode)
+        self.scale = check_scale(self.scale)
+        self.ties_scale = _check_positive(self.ties_scale, "ties_scale", "the scale of the TIES-merged task vector")
+        if (
+            isinstance(self.ties_density, bool)
+            or not isinstance(self.ties_density, (int, float))
+            or not 0 < self.ties_density <= 1
+        ):
+            raise ValueError(
+                f"ties_density is the fraction of task-vector entries TIES-merging keeps and must lie in (0, 1], "
+                f"received {self.ties_density!r}."
+            )
+        self.ties_density = float(self.ties_density)
 
     def _set_labels(self, task: str) -> None:
         names = self.tasks[task]

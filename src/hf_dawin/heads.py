@@ -52,12 +52,16 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     invalid = [repr(name) for name in names if not isinstance(name, str) or not name.strip()]
     if invalid:
         raise ValueError(f"class_names must be non-empty strings, received {', '.join(invalid)}.")
-    seen: set[str] = set()
-    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        positions.setdefault(name, []).append(index)
+    duplicates = sorted(name for name, indices in positions.items() if len(indices) > 1)
     if duplicates:
+        described = ", ".join(f"{name!r} at indices {positions[name]}" for name in duplicates)
         raise ValueError(
-            f"class_names contains duplicates: {duplicates}. Each class needs a distinct name, since the head has "
-            "one row per name."
+            f"class_names contains duplicates: {duplicates} ({described}). Each class needs a distinct name, "
+            "because the names label the model's outputs and match dataset labels. Rename one of each pair, for "
+            "example 'sunglass' and 'sunglasses'."
         )
     return names
 

@@ -44,6 +44,7 @@ from .interpolation import (
 from .mixture import BetaMixture
 from .placement import (
     check_devices_available,
+    check_max_memory_devices,
     check_dtype_supported,
     check_module_device_map,
     prepare_endpoint,
@@ -60,6 +61,11 @@ from .temperature import reference_temperatures
 logger = logging.get_logger(__name__)
 
 __all__ = ["CLIPImageClassifier", "DaWinCLIPModel", "DaWinCLIPPreTrainedModel", "DaWinImageClassifierOutput"]
+
+
+# Arguments that transformers may pass to any model's forward: Trainer's num_items_in_batch and the output flags.
+# DaWin models return no attentions or hidden states, so these have no effect.
+_GENERIC_FORWARD_KWARGS = frozenset({"num_items_in_batch", "output_attentions", "output_hidden_states"})
 
 
 @dataclass
@@ -294,6 +300,18 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """Drop the cached mixed and merged classifiers to free memory."""
         self._derived.clear()
 
+    def _check_forward_kwargs(self, kwargs: dict, accepted: str) -> None:
+        """Raise a TypeError for a misspelt forward argument, which `**kwargs` would otherwise swallow.
+
+        `**kwargs` stays in the signature for the arguments that transformers' Trainer and pipelines pass to
+        every model; those are accepted and have no effect here.
+        """
+        unknown = sorted(set(kwargs) - _GENERIC_FORWARD_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword arguments {unknown}. It accepts {accepted}."
+            )
+
 
 class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
     r"""DaWin: training-free dynamic weight interpolation of a zero-shot and a fine-tuned CLIP.
@@ -486,9 +504,16 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
         check_devices_available(kwargs.get("device_map"), "DaWin model")
+        check_max_memory_devices(kwargs.get("max_memory"), "DaWin model")
+        check_module_device_map(
+            kwargs.get("device_map"), "DaWin model", container="a DaWinCLIPModel",
+            modules=("zero_shot", "fine_tuned", "zero_shot_head", "fine_tuned_head"),
+        )  # fmt: skip
         check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         try:
             cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
+            if "class_names" in kwargs:
+                _check_class_names_override(pretrained_model_name_or_path, kwargs)
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
             raise OSError(
@@ -498,7 +523,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             ) from error
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
         # before the first image.
-        check_mode(model.config.mode)
+        model.config.check_settings()
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "DaWin model", max_memory=requested_memory)
         return model
@@ -769,6 +794,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         Returns:
             [`DaWinImageClassifierOutput`].
         """
+        self._check_forward_kwargs(kwargs, "pixel_values, labels, mode, alpha, coefficients and return_dict")
         mode = check_mode(mode if mode is not None else self.config.mode)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
@@ -796,7 +822,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             else:
                 logits = self.static_logits(pixel_values, weight)
             names = {"zero_shot": "zero-shot", "fine_tuned": "fine-tuned", "static": f"merged (alpha={weight:g})"}
-            check_finite_logits(logits, names[mode])
+            checkpoints = "the zero-shot and fine-tuned checkpoints" if mode == "static" else None
+            check_finite_logits(logits, names[mode], checkpoints=checkpoints)
             batch_coefficients = torch.full((pixel_values.shape[0],), weight, device=pixel_values.device)
         else:
             # Score both endpoints, then compute the per-sample coefficients from their entropies.
@@ -859,19 +886,85 @@ def check_local_folder(source, writer: str) -> None:
         )
 
 
+def _saved_config_dict(source, load_kwargs: dict) -> dict:
+    names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    config_dict, _ = PreTrainedConfig.get_config_dict(
+        str(source), **{name: load_kwargs[name] for name in names if name in load_kwargs}
+    )
+    return config_dict
+
+
+def _saved_model_type(source, load_kwargs: dict) -> str | None:
+    return _saved_config_dict(source, load_kwargs).get("model_type")
+
+
+def _check_class_names_override(source, load_kwargs: dict) -> None:
+    """Raise a ValueError if `class_names=` passed to `from_pretrained` does not fit the saved heads."""
+    if isinstance(load_kwargs.get("config"), PreTrainedConfig):
+        return
+    class_names = check_class_names(load_kwargs["class_names"])
+    saved = _saved_config_dict(source, load_kwargs).get("class_names") or []
+    if len(class_names) != len(saved):
+        raise ValueError(
+            f"class_names lists {len(class_names)} classes, but the saved heads have {len(saved)}. Pass one name per "
+            "class of the saved model, in its order, or build a new model with DaWinCLIPModel.from_pretrained_pair."
+        )
+
+
+def _check_clip_model_type(source, name: str, model_type: str | None) -> None:
+    """Raise a ValueError if an endpoint's saved config is not a CLIP config.
+
+    transformers would otherwise build a CLIPModel from defaults and fail on weight shapes, or initialise the
+    missing weights randomly with only a logged report.
+    """
+    if model_type in ("clip", None):
+        return
+    if model_type == "dawin_clip":
+        hint = (
+            "It holds a saved DaWin model: load it with DaWinCLIPModel.from_pretrained, or pass the CLIP "
+            "checkpoints it was built from."
+        )
+    elif model_type == "dawin_multitask_clip":
+        hint = (
+            "It holds a saved multi-task DaWin model: load it with DaWinMultiTaskCLIPModel.from_pretrained, or "
+            "pass the CLIP checkpoints it was built from."
+        )
+    else:
+        hint = "Pass a complete CLIP checkpoint saved with CLIPModel.save_pretrained, vision and text towers included."
+    raise ValueError(
+        f"The {name} endpoint at {str(source)!r} has model_type {model_type!r}, but an endpoint must be a CLIPModel "
+        f"checkpoint (model_type 'clip'). {hint}"
+    )
+
+
+def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -> None:
+    """Raise a ValueError if loading an endpoint left CLIP weights missing, which transformers initialises randomly."""
+    if not missing_keys:
+        return
+    listed = ", ".join(missing_keys[:8]) + (f", ... and {len(missing_keys) - 8} more" if len(missing_keys) > 8 else "")
+    raise ValueError(
+        f"The {name} endpoint at {str(source)!r} lacks {len(missing_keys)} CLIPModel weights, which would be "
+        f"initialised randomly: {listed}. Pass a complete CLIP checkpoint saved with CLIPModel.save_pretrained, "
+        "vision and text towers included."
+    )
+
+
 def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
     if isinstance(endpoint, CLIPModel):
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
     if isinstance(endpoint, (str, Path)):
         check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
         try:
-            model = CLIPModel.from_pretrained(str(endpoint), **load_kwargs)
+            model_type = _saved_model_type(endpoint, load_kwargs)
+            _check_clip_model_type(endpoint, name, model_type)
+            model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
         except OSError as error:
             raise OSError(
                 f"Could not load the {name} endpoint from {str(endpoint)!r}: {str(error).rstrip('.')}.{_offline_note()} "
                 "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
                 "a loaded CLIPModel."
             ) from error
+        _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
         return model, str(endpoint)
     raise TypeError(
         f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
@@ -906,6 +999,7 @@ def _load_endpoints(
     # transformers rewrites max_memory in place, so every load gets its own copy of the budget.
     budget = dict(load_kwargs.get("max_memory") or {})
     loaded: list[tuple[CLIPModel, str | None]] = []
+    check_max_memory_devices(budget, "endpoints")
     for name, _, device_map in entries:
         check_module_device_map(device_map, f"{name} endpoint")
         check_devices_available(device_map, f"{name} endpoint")

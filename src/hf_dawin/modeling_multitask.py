@@ -55,7 +55,13 @@ from .modeling_dawin import (
     check_label_indices,
     check_local_folder,
 )
-from .placement import check_devices_available, resolve_dtype
+from .placement import (
+    check_devices_available,
+    check_max_memory_devices,
+    check_module_device_map,
+    prepare_endpoint,
+    resolve_dtype,
+)
 from .templates import load_templates, validate_templates
 
 
@@ -159,9 +165,9 @@ def _check_coefficient_vector(coefficients, num_fine_tuned: int) -> torch.Tensor
 
 def _endpoint_name(endpoint, index: int) -> str:
     if isinstance(endpoint, (str, Path)):
-        return Path(str(endpoint).rstrip("/")).name or f"fine_tuned_{index}"
+        return Path(str(endpoint).rstrip("/")).name or f"fine_tuned_{index + 1}"
     source = getattr(getattr(endpoint, "config", None), "_name_or_path", "") or ""
-    return Path(source.rstrip("/")).name if source else f"fine_tuned_{index}"
+    return Path(source.rstrip("/")).name if source else f"fine_tuned_{index + 1}"
 
 
 def _resolve_templates(templates, tasks: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -348,7 +354,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         if fine_tuned_names is None:
             names = [_endpoint_name(endpoint, index) for index, endpoint in enumerate(fine_tuned)]
             if len(set(names)) != len(names):
-                names = [f"fine_tuned_{index}" for index in range(len(fine_tuned))]
+                names = [f"fine_tuned_{index + 1}" for index in range(len(fine_tuned))]
         else:
             names = [str(name) for name in fine_tuned_names]
             if len(names) != len(fine_tuned) or len(set(names)) != len(names):
@@ -435,11 +441,19 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
+        check_max_memory_devices(kwargs.get("max_memory"), "multi-task DaWin model")
+        check_module_device_map(
+            kwargs.get("device_map"), "multi-task DaWin model", modules=("pretrained", "fine_tuned", "heads"),
+            container="a DaWinMultiTaskCLIPModel",
+        )  # fmt: skip
+        # transformers rewrites max_memory in place; keep the caller's values for error messages.
+        requested_memory = dict(kwargs.get("max_memory") or {})
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
-        check_multitask_mode(model.config.mode)
+        model.config.check_settings()
         model.resolve_task(None)
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
+        prepare_endpoint(model, "multi-task DaWin model", max_memory=requested_memory)
         return model
 
     # ------------------------------------------------------------------------------------------------------
@@ -802,6 +816,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             ValueError: If the task or mode is unknown, `pixel_values` is missing or malformed, or
                 `"dataset_mean"` mode has not been fitted for the task.
         """
+        self._check_forward_kwargs(kwargs, "pixel_values, task, labels, mode and return_dict")
         mode = check_multitask_mode(mode if mode is not None else self.config.mode)
         task = self.resolve_task(task)
         return_dict = return_dict if return_dict is not None else self.config.return_dict

@@ -12,6 +12,8 @@ weight of both endpoints, so a map that offloads weights to disk (what `device_m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,7 @@ __all__ = [
     "check_devices_available",
     "check_dtype_supported",
     "check_endpoint_in_memory",
+    "check_max_memory_devices",
     "check_module_device_map",
     "check_module_precision",
     "prepare_endpoint",
@@ -186,28 +189,40 @@ def split_device_map(device_map: str | dict | torch.device | None) -> dict[str, 
     else:
         maps = {name: device_map for name in ENDPOINT_NAMES}
     for name, endpoint_map in maps.items():
-        check_module_device_map(endpoint_map, f"{name.replace('_', '-')} endpoint")
+        check_module_device_map(
+            endpoint_map, f"{name.replace('_', '-')} endpoint",
+            hint="A DaWin pair also takes one map per endpoint, {'zero_shot': ..., 'fine_tuned': ...}.",
+        )  # fmt: skip
     return maps
 
 
-def check_module_device_map(device_map, name: str) -> None:
-    """Raise if a module-to-device map has keys that are not modules of a CLIPModel, such as a misspelt endpoint.
+def check_module_device_map(
+    device_map,
+    name: str,
+    *,
+    modules: Sequence[str] = CLIP_MODULES,
+    container: str = "a CLIPModel",
+    hint: str | None = None,
+) -> None:
+    """Raise if a module-to-device map has keys that are not modules of the model, such as a misspelt endpoint.
 
     Args:
-        device_map: The map of one endpoint; only mappings are checked.
+        device_map: The map of one endpoint or model; only mappings are checked.
         name (`str`): What is being placed, for the message, for example `"zero-shot endpoint"`.
+        modules (`Sequence[str]`): The model's top-level modules, the valid first parts of the keys.
+        container (`str`): The model in the message, for example `"a CLIPModel"`.
+        hint (`str`, *optional*): A further sentence for the message, about other accepted forms.
 
     Raises:
-        ValueError: Listing the unknown keys and the CLIP modules a map may place.
+        ValueError: Listing the unknown keys and the modules a map may place.
     """
     if not isinstance(device_map, dict):
         return
-    unknown = sorted(str(key) for key in device_map if str(key).split(".")[0] not in (*CLIP_MODULES, ""))
+    unknown = sorted(str(key) for key in device_map if str(key).split(".")[0] not in (*modules, ""))
     if unknown:
         raise ValueError(
-            f"device_map of the {name} has keys {unknown}, which are not modules of a CLIPModel. A module map "
-            f"places modules such as {list(CLIP_MODULES)} (or '' for the whole model); a DaWin pair also takes "
-            "one map per endpoint, {'zero_shot': ..., 'fine_tuned': ...}."
+            f"device_map of the {name} has keys {unknown}, which are not modules of {container}. A module map "
+            f"places modules such as {list(modules)} (or '' for the whole model)." + (f" {hint}" if hint else "")
         )
 
 
@@ -240,25 +255,41 @@ def check_devices_available(device_map, name: str) -> None:
         ValueError: Naming the device and, for CUDA, the devices available.
     """
     for device in _map_devices(device_map):
-        if str(device) in ("cpu", "disk", "meta"):
-            continue
-        try:
-            parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device_map of the {name} names {device!r}, which is not a device: {error}.") from None
-        if parsed.type != "cuda":
-            if not _device_type_available(parsed.type):
-                raise ValueError(
-                    f"device_map of the {name} names {device!r}, but this PyTorch build has no available "
-                    f"'{parsed.type}' device. Use 'cpu', 'auto' or a device this machine has."
-                )
-            continue
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (parsed.index is not None and parsed.index >= count):
-            available = f"only {count} CUDA device(s) exist" if count else "CUDA is not available in this process"
+        _check_device_available(device, f"device_map of the {name}")
+
+
+def check_max_memory_devices(max_memory: dict | None, name: str) -> None:
+    """Raise if `max_memory` budgets memory on a device that this machine or PyTorch build does not have.
+
+    Args:
+        max_memory (`dict`, *optional*): Memory budget per device, as `from_pretrained` takes it.
+        name (`str`): What is being placed, for the message, for example `"DaWin model"`.
+
+    Raises:
+        ValueError: Naming the device and, for CUDA, the devices available.
+    """
+    for device in max_memory or {}:
+        _check_device_available(device, f"max_memory of the {name}")
+
+
+def _check_device_available(device, argument: str) -> None:
+    if str(device) in ("cpu", "disk", "meta"):
+        return
+    try:
+        parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{argument} names {device!r}, which is not a device: {error}.") from None
+    if parsed.type != "cuda":
+        if not _device_type_available(parsed.type):
             raise ValueError(
-                f"device_map of the {name} names {device!r}, but {available}. Use 'cpu', 'auto' or an existing device."
+                f"{argument} names {device!r}, but this PyTorch build has no available '{parsed.type}' device. "
+                "Use 'cpu', 'auto' or a device this machine has."
             )
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (parsed.index is not None and parsed.index >= count):
+        available = f"only {count} CUDA device(s) exist" if count else "CUDA is not available in this process"
+        raise ValueError(f"{argument} names {device!r}, but {available}. Use 'cpu', 'auto' or an existing device.")
 
 
 def _format_bytes(count: float) -> str:
