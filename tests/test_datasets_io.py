@@ -591,7 +591,7 @@ def test_batcher_accepts_path_column(tmp_path, processor):
 def test_batcher_rejects_non_image_column(processor):
     dataset = datasets.Dataset.from_dict({"image": [1, 2], "label": [0, 1]})
 
-    with pytest.raises(TypeError, match="Column 'image' must be a datasets.Image feature or a string path column"):
+    with pytest.raises(ValueError, match="Column 'image' must be a datasets.Image feature or a string path column"):
         iter_image_batches(dataset, processor)
 
 

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_dawin.distributed import DistributedState, RankFailedError, dataset_shard_batches, get_distributed_state
+from hf_dawin.distributed import (
+    DistributedState,
+    RankFailedError,
+    RankLostError,
+    dataset_shard_batches,
+    get_distributed_state,
+)
 from hf_dawin.evaluation import EvaluationSet, EvaluationSettings, evaluate_pair
 
 from .test_evaluation import _image_dataset
@@ -182,6 +188,14 @@ def test_single_process_state_is_transparent():
     assert state.broadcast_json({"a": [1.5]}, "test") == {"a": [1.5]}
     with pytest.raises(KeyError, match="unchanged"):
         state.run("test", lambda: (_ for _ in ()).throw(KeyError("unchanged")))
+
+
+def test_failed_collective_raises_rank_lost():
+    def closed_connection():
+        raise RuntimeError("Connection closed by peer")
+
+    with pytest.raises(RankLostError, match="Rank 0 lost contact .* during the mixture fit: Connection closed by peer"):
+        DistributedState()._collective("the mixture fit", closed_connection)
 
 
 def _tensor_sets(pixel_values, labels, failing_rank=None):

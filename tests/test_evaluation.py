@@ -1,6 +1,7 @@
 """Shift evaluation: every method scored from one endpoint pass per set, checked against direct model calls."""
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -214,6 +215,9 @@ def _reject_constant(name):
 
 def test_cli_id_only_writes_strict_json(tiny_pair_dirs, tmp_path, capsys):
     output_dir = tmp_path / "results"
+    # A figure of an earlier run with shifted sets, which this run cannot draw.
+    output_dir.mkdir()
+    (output_dir / "id_vs_ood.png").write_bytes(b"earlier figure")
     exit_code = main([
         "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
         "--id-dataset", str(_image_dataset(tmp_path / "id", 2)), "--batch-size", "6", "--alphas", "0,1",
@@ -224,8 +228,10 @@ def test_cli_id_only_writes_strict_json(tiny_pair_dirs, tmp_path, capsys):
     results = json.loads((output_dir / "results.json").read_text(), parse_constant=_reject_constant)
     assert results["summary"]["dawin_sample"]["ood_average"] is None
     assert results["wise_ft_sweep"]["ood_average"] is None
-    for name in ("results.json", "results.md", "coefficients.npz"):
+    for name in ("results.json", "results.md", "coefficients.npz", "coefficients.png"):
         assert (output_dir / name).stat().st_mode & 0o044 == 0o044, name
+    assert not (output_dir / "id_vs_ood.png").exists()
+    assert not list(output_dir.glob(".*"))
 
 
 def test_cli_rejects_output_file_before_running(tiny_pair_dirs, tmp_path, capsys):
@@ -238,6 +244,34 @@ def test_cli_rejects_output_file_before_running(tiny_pair_dirs, tmp_path, capsys
             "--id-dataset", str(tmp_path / "missing"), "--output-dir", str(target),
         ])  # fmt: skip
     assert target.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs the Linux /proc file system")
+def test_cli_rejects_unwritable_output_dir(tiny_pair_dirs, tmp_path):
+    # Nothing can be created under /proc, whatever the user's permissions.
+    with pytest.raises(SystemExit, match="hf-dawin evaluate: error: --output-dir /proc/hf-dawin-results cannot be written"):
+        main([
+            "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+            "--id-dataset", str(tmp_path / "missing"), "--output-dir", "/proc/hf-dawin-results",
+        ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--class-names", "missing.txt"], "--class-names missing.txt is not a file. Pass a text file with one class"),
+        (["--wordnet-ids", "missing.txt"], "--wordnet-ids missing.txt is not a file"),
+        (["--model", "saved"], "give either --model or --zero-shot/--fine-tuned, not both"),
+    ],
+)
+def test_cli_rejects_pair_arguments(tiny_pair_dirs, tmp_path, arguments, message):
+    with pytest.raises(SystemExit, match=f"^hf-dawin evaluate: error: {message}"):
+        main([
+            "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), *arguments, "--id-dataset", str(tmp_path / "missing"),
+            *(["--fine-tuned", str(tiny_pair_dirs[1])] if "--model" not in arguments else []),
+            "--output-dir", str(tmp_path / "out"),
+        ])  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_without_command_prints_help(capsys):

@@ -229,7 +229,7 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
     results = run_evaluate_multitask(arguments)
     assert results["settings"]["scale"] == 0.5
     assert list(results["tasks"]) == ["pets"]
-    assert results["fine_tuned_names"] == ["fine_tuned_0", "fine_tuned_1"]
+    assert results["fine_tuned_names"] == ["fine_tuned_1", "fine_tuned_2"]
 
 
 @pytest.mark.parametrize(
@@ -241,6 +241,7 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
         (["--model", "m", "--task-dataset", "ab"], "expects TASK=SOURCE"),
         (["--model", "m", "--pretrained", "p", "--fine-tuned", "f", "--task-dataset", "a=b"], "not both"),
         (["--model", "m", "--task-dataset", "a=b", "--scale", "0"], "--scale must be a positive number"),
+        (["--model", "m", "--task-dataset", "a=b", "--task-dataset", "a=c"], r"but \['a'\] appear more than once"),
         (["--split", "validation", "--templates", "t.txt"], "--split, --templates are used only with your own"),
     ],
 )
@@ -289,6 +290,19 @@ def test_command_errors_are_one_line(model, tiny_pair_dirs, tmp_path, capsys):
     status = main_multitask(["--model", str(tiny_pair_dirs[0]), "--task-dataset", f"cars={tmp_path / 'cars'}"])
     assert status == 1
     assert "contains a model of type 'clip'" in capsys.readouterr().err
+    save_image_dataset(tmp_path / "colours", ["red", "purple"], 3, seed=6)
+    status = main_multitask(["--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}"])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "1 label names of the 'colours' dataset are not classes of task 'colours' (compared ignoring case): " \
+        "['purple']. The task's classes are ['red', 'green', 'blue']." in error
+    assert "wordnet" not in error.lower()
+
+
+def test_command_rejects_pair_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "pair")
+    with pytest.raises(SystemExit, match="is a DaWin pair .* Evaluate it with hf-dawin evaluate --model"):
+        main_multitask(["--model", str(tmp_path / "pair"), "--task-dataset", f"a={tmp_path}"])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,13 @@ from transformers.utils import logging
 
 from .configuration_multitask import DaWinMultiTaskCLIPConfig
 from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
-from .distributed import RankFailedError, dataset_shard_batches, get_distributed_state, is_main_launch_process
+from .distributed import (
+    RankFailedError,
+    RankLostError,
+    dataset_shard_batches,
+    get_distributed_state,
+    is_main_launch_process,
+)
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
 from .placement import check_dtype_supported
 from .suites import (
@@ -101,13 +107,13 @@ def _parse_alphas(text: str) -> list[float]:
         ) from None
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """Add `--dtype`, shared by both evaluate commands."""
+def add_dtype_argument(parser: argparse.ArgumentParser, float32_outputs: str) -> None:
+    """Add `--dtype`, shared by both evaluate commands. `float32_outputs` names what stays in float32."""
     parser.add_argument(
         "--dtype", choices=sorted(DTYPE_NAMES),
         help=(
-            "Load the endpoints in this dtype. Entropies, coefficients and the mixture stay float32. Default: the "
-            "dtype of `accelerate launch --mixed_precision` (bf16 or fp16), else float32."
+            f"Load the endpoints in this dtype. {float32_outputs} stay float32. Default: the dtype of "
+            "`accelerate launch --mixed_precision` (bf16 or fp16), else float32."
         ),
     )  # fmt: skip
 
@@ -145,18 +151,6 @@ def saved_model_dtype(requested: str | None) -> dict:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dawin", description="DaWin: dynamic weight interpolation of CLIP pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    # Parsed by evaluation_multitask.main_multitask; listed here so that `hf-dawin --help` shows it.
-    commands.add_parser(
-        "evaluate-multitask",
-        help="Score DaWin against model merging baselines on several tasks (see evaluate-multitask --help).",
-        add_help=False,
-    )
-    # Parsed by push_results.main_push_results.
-    commands.add_parser(
-        "push-results",
-        help="Write the results.json of an earlier evaluate run into a Hub model card (see push-results --help).",
-        add_help=False,
-    )
     evaluate = commands.add_parser(
         "evaluate",
         help="Score DaWin and its baselines on an in-distribution set and shifted sets.",
@@ -214,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("--n-components", type=int, default=3, help="Beta mixture components (default: 3).")
-    add_dtype_argument(evaluate)
+    add_dtype_argument(evaluate, "Entropies, coefficients and the mixture")
     evaluate.add_argument(
         "--output-dir", default="hf_dawin_results", help="Folder for results.json and the tables (default: hf_dawin_results)."
     )
@@ -238,6 +232,18 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_suite_arguments(evaluate)
+    # Parsed by evaluation_multitask.main_multitask; listed here so that `hf-dawin --help` shows it.
+    commands.add_parser(
+        "evaluate-multitask",
+        help="Score DaWin against model merging baselines on several tasks (see evaluate-multitask --help).",
+        add_help=False,
+    )
+    # Parsed by push_results.main_push_results.
+    commands.add_parser(
+        "push-results",
+        help="Write the results.json of an earlier evaluate run into a Hub model card (see push-results --help).",
+        add_help=False,
+    )
     return parser
 
 
@@ -353,6 +359,19 @@ def _write_plots(results: dict, coefficients: dict, output_dir: Path) -> dict[st
     return paths
 
 
+def remove_stale_figures(output_dir: Path, names: Sequence[str], written: Mapping[str, Path]) -> None:
+    """Delete figures named `names` that an earlier run left in `output_dir` and this run did not write again.
+
+    A figure beside a new results.json would otherwise look like part of that run.
+    """
+    written_names = {Path(path).name for path in written.values()}
+    for name in names:
+        path = output_dir / name
+        if name not in written_names and path.is_file():
+            path.unlink()
+            logger.info("Removed %s, a figure of an earlier run that this run did not draw.", path)
+
+
 def _report_skipped(results: dict) -> None:
     for name, entry in results["sets"].items():
         skipped = entry.get("num_skipped", 0)
@@ -446,10 +465,10 @@ def parse_evaluate_arguments(argv: list[str]) -> EvaluateArguments:
 def _check_arguments(arguments: EvaluateArguments) -> None:
     evaluation_dtype(arguments.dtype)  # rejects a precision request it cannot run before any work starts
     pair_given = arguments.zero_shot is not None or arguments.fine_tuned is not None
-    if pair_given and (arguments.zero_shot is None or arguments.fine_tuned is None):
-        raise SystemExit("error: --zero-shot and --fine-tuned must be given together.")
     if pair_given and arguments.model is not None:
         raise SystemExit("error: give either --model or --zero-shot/--fine-tuned, not both.")
+    if pair_given and (arguments.zero_shot is None or arguments.fine_tuned is None):
+        raise SystemExit("error: --zero-shot and --fine-tuned must be given together.")
     _check_suite_arguments(arguments, pair_given)
     if (pair_given or arguments.model) and arguments.id_dataset is None and arguments.suite is None:
         raise SystemExit(
@@ -473,12 +492,52 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
             arguments, EvaluateArguments(), _EMBEDDED_IGNORED, inputs="model and datasets",
             run="the embedded benchmark", advice="--zero-shot with --fine-tuned (or --model) and --id-dataset",
         )  # fmt: skip
-    output_dir = Path(arguments.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
+    check_output_dir(Path(arguments.output_dir))
+    check_text_file(arguments.class_names, "--class-names", "one class name per line, in label order")
+    check_text_file(arguments.wordnet_ids, "--wordnet-ids", "one WordNet id per model class, in class order")
     for entry in arguments.shift_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --shift-dataset expects NAME=SOURCE, received {entry!r}.")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Exit with an error, before any work, if the results cannot be written into `output_dir`.
+
+    A folder is created and removed in the nearest existing ancestor, which finds read-only and virtual file
+    systems that a permission check would miss.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
+    ancestor = output_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SystemExit(
+            f"error: --output-dir {output_dir} cannot be created, because {ancestor} is a file. Pass a folder path."
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hf-dawin-write-check-", dir=ancestor))
+    except OSError as error:
+        raise SystemExit(
+            f"error: --output-dir {output_dir} cannot be written ({error.strerror} in {ancestor}). Pass a folder "
+            "where you can create files."
+        ) from None
+
+
+def check_text_file(path: str | None, option: str, contents: str) -> None:
+    """Exit with an error naming `option` if `path` is given but is not a readable file."""
+    if path is not None and not Path(path).is_file():
+        raise SystemExit(f"error: {option} {path} is not a file. Pass a text file with {contents}.")
+
+
+def with_program_name(program: str, run: Callable[[], int]) -> int:
+    """Run a command, giving its `SystemExit("error: ...")` messages the `PROGRAM: error:` prefix of argparse."""
+    try:
+        return run()
+    except SystemExit as exit_request:
+        if isinstance(exit_request.code, str) and exit_request.code.startswith("error: "):
+            raise SystemExit(f"{program}: {exit_request.code}") from None
+        raise
 
 
 def _dataset_set(name, dataset, image_processor, arguments, *, in_distribution, projection=None) -> EvaluationSet:
@@ -689,6 +748,7 @@ def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dic
     _replace_with(temporary, paths["coefficients"])
     if plots:
         paths.update(_write_plots(results, coefficients, output_dir))
+    remove_stale_figures(output_dir, ("id_vs_ood.png", "coefficients.png"), paths)
     results["coefficients"] = coefficients
     return paths
 
@@ -803,16 +863,22 @@ def _is_multitask_request(argv: list[str]) -> bool:
             source = argument.split("=", 1)[1]
         else:
             continue
-        config_path = Path(source) / "config.json"
-        if not config_path.is_file():
-            return False
-        try:
-            model_type = json.loads(config_path.read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            # An unreadable config is reported by the loader of the pair evaluation.
-            return False
-        return model_type == DaWinMultiTaskCLIPConfig.model_type
+        return local_model_type(source) == DaWinMultiTaskCLIPConfig.model_type
     return False
+
+
+def local_model_type(source: str) -> str | None:
+    """Return the `model_type` in the config.json of a local folder, or None for a Hub id or an unreadable config.
+
+    An unreadable config is left for the model loader to report.
+    """
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -827,28 +893,33 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "evaluate-multitask":
         from .evaluation_multitask import main_multitask
 
-        return main_multitask(argv[1:])
+        return with_program_name("hf-dawin evaluate-multitask", lambda: main_multitask(argv[1:]))
     if argv[0] == "push-results":
         from .push_results import main_push_results
 
-        return main_push_results(argv[1:])
+        return with_program_name("hf-dawin push-results", lambda: main_push_results(argv[1:]))
     parser = _build_parser()
     namespace = parser.parse_args(argv)
     if namespace.command == "evaluate":
-        arguments = parse_evaluate_arguments(argv[1:])
-        try:
-            with library_progress_bars(arguments.progress):
-                run_evaluate(arguments)
-        except (OSError, ValueError) as error:
-            # Invalid input (an unknown repository, a missing column, unmatched labels) ends the run with its
-            # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
-            logger.debug("hf-dawin evaluate failed.", exc_info=True)
-            print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
-            return 1
-        except RankFailedError as error:
-            # Every rank of a multi-process run ends here when one rank failed; nothing was written.
-            print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
-            return 1
+        return with_program_name("hf-dawin evaluate", lambda: _main_evaluate(argv[1:]))
+    return 0
+
+
+def _main_evaluate(argv: list[str]) -> int:
+    arguments = parse_evaluate_arguments(argv)
+    try:
+        with library_progress_bars(arguments.progress):
+            run_evaluate(arguments)
+    except (OSError, ValueError) as error:
+        # Invalid input (an unknown repository, a missing column, unmatched labels) ends the run with its
+        # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
+        logger.debug("hf-dawin evaluate failed.", exc_info=True)
+        print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+        return 1
+    except (RankFailedError, RankLostError) as error:
+        # Every rank of a multi-process run ends here when one rank failed or stopped; nothing was written.
+        print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

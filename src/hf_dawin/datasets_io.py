@@ -468,8 +468,15 @@ def _image_storage_dataset(dataset: datasets.Dataset, image_column: str, label_c
     """Select the two columns and switch the image column to undecoded `{"bytes", "path"}` entries."""
     feature = dataset.features[image_column]
     if not isinstance(feature, datasets.Image) and feature != datasets.Value("string"):
-        raise TypeError(
-            f"Column {image_column!r} must be a datasets.Image feature or a string path column, got {feature!r}."
+        image_columns = sorted(
+            name
+            for name, other in dataset.features.items()
+            if isinstance(other, datasets.Image) or other == datasets.Value("string")
+        )
+        raise ValueError(
+            f"Column {image_column!r} must be a datasets.Image feature or a string path column, got {feature!r}. "
+            f"Columns that can hold images: {image_columns or 'none'}; pass one as the image column "
+            "(--image-column with hf-dawin evaluate)."
         )
     columns = [image_column] if image_column == label_column else [image_column, label_column]
     return dataset.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
@@ -531,7 +538,17 @@ def _generate_batches(
         # Runs at the end of the data and when the caller stops early, so no skip goes unreported. An evaluation
         # reads each set once per method, so the same summary is logged only the first time.
         if skipped.entries:
-            logger.warning_once(skipped.summary())
+            logger.warning_once(skipped.summary() + _process_note())
+
+
+def _process_note() -> str:
+    """Say which process a count belongs to in a multi-process run, where each process reads only its share."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ""
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world_size == 1:
+        return ""
+    return f" (counted on rank {rank} of {world_size}, which read part of the set; the evaluation reports the total)"
 
 
 def iter_image_batches(
@@ -572,8 +589,8 @@ def iter_image_batches(
         and `indices` of shape `(batch_size,)` (int64), the dataset row of each image.
 
     Raises:
-        ValueError: If `batch_size` is not positive, a column is missing or a label is out of range.
-        TypeError: If the image column is neither a `datasets.Image` nor a string path column.
+        ValueError: If `batch_size` is not positive, a column is missing, the image column is neither a
+            `datasets.Image` nor a string path column, or a label is out of range.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")

@@ -39,6 +39,7 @@ __all__ = [
     "DatasetShards",
     "DistributedState",
     "RankFailedError",
+    "RankLostError",
     "RowRangeShards",
     "dataset_shard_batches",
     "get_distributed_state",
@@ -65,6 +66,10 @@ class RankFailedError(RuntimeError):
         super().__init__(
             f"The evaluation failed on rank {ranks} during {step} ({details}). No result was written for this run."
         )
+
+
+class RankLostError(RuntimeError):
+    """Raised on a rank whose collective failed because another process of the evaluation stopped."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +138,10 @@ class DistributedState:
         try:
             return operation()
         except (RuntimeError, ValueError) as error:
-            raise RuntimeError(
+            raise RankLostError(
                 f"Rank {self.rank} lost contact with the other evaluation processes during {step}: {error}. "
-                "Another rank probably stopped; its log names the cause. No result was written for this run."
+                "Another rank probably stopped (the launcher's summary names its exit code, and its log the "
+                "cause). No result was written for this run."
             ) from error
 
     def check_all_ranks(self, error: BaseException | None, step: str) -> None:

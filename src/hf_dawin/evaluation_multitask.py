@@ -29,13 +29,21 @@ from transformers.utils import logging
 
 from .cli import (
     add_dtype_argument,
+    check_output_dir,
     evaluation_dtype,
     library_progress_bars,
+    local_model_type,
     place_on_process_device,
     record_run_settings,
     saved_model_dtype,
 )
-from .distributed import DistributedState, RankFailedError, get_distributed_state, is_main_launch_process
+from .distributed import (
+    DistributedState,
+    RankFailedError,
+    RankLostError,
+    get_distributed_state,
+    is_main_launch_process,
+)
 from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
@@ -409,7 +417,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ties", dest="ties", action="store_false", help="Skip TIES-merging.")
     parser.add_argument("--ties-density", type=float, help="Fraction of task-vector entries TIES keeps (default: 0.2).")
     parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
-    add_dtype_argument(parser)
+    add_dtype_argument(parser, "Entropies and task coefficients")
     parser.add_argument(
         "--max-examples", type=int,
         help=(
@@ -447,6 +455,11 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
         raise SystemExit("error: --pretrained needs at least one --fine-tuned endpoint, and the other way round.")
     if endpoints_given and arguments.model is not None:
         raise SystemExit("error: give either --model or --pretrained with --fine-tuned, not both.")
+    if arguments.model is not None and local_model_type(arguments.model) == "dawin_clip":
+        raise SystemExit(
+            f"error: --model {arguments.model} is a DaWin pair (model type 'dawin_clip'), not a multi-task model. "
+            f"Evaluate it with hf-dawin evaluate --model {arguments.model}."
+        )
     if (endpoints_given or arguments.model) and not arguments.task_datasets:
         raise SystemExit("error: a custom model needs one --task-dataset TASK=SOURCE per task to evaluate.")
     if arguments.task_datasets and not (endpoints_given or arguments.model):
@@ -464,6 +477,13 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
     for entry in arguments.task_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
+    task_names = [entry.split("=", 1)[0] for entry in arguments.task_datasets]
+    repeated = sorted({name for name in task_names if task_names.count(name) > 1})
+    if repeated:
+        raise SystemExit(
+            f"error: --task-dataset names each task once, but {repeated} appear more than once in {task_names}. "
+            "Give one dataset per task."
+        )
     if not (endpoints_given or arguments.model):
         from .cli import reject_unused_options
 
@@ -471,9 +491,7 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
             arguments, MultiTaskEvaluateArguments(), _EMBEDDED_IGNORED, inputs="endpoints and datasets",
             run="the embedded suite", advice="--pretrained with --fine-tuned (or --model) and --task-dataset",
         )  # fmt: skip
-    output_dir = Path(arguments.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SystemExit(f"error: --output-dir {output_dir} is a file; pass a folder path for the results.")
+    check_output_dir(Path(arguments.output_dir))
 
 
 def _embedded_suite(arguments: MultiTaskEvaluateArguments):
@@ -516,7 +534,6 @@ def _merge_overrides(arguments: MultiTaskEvaluateArguments) -> dict:
 def _custom_model(arguments: MultiTaskEvaluateArguments):
     from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
     from .distributed import dataset_shard_batches
-    from .label_spaces import projection_from_class_names
 
     datasets_by_task = {}
     for entry in arguments.task_datasets:
@@ -550,7 +567,7 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     for task, dataset in datasets_by_task.items():
         class_names = model.config.tasks[model.resolve_task(task)]
         dataset_names = label_names(dataset, arguments.label_column)
-        projection = None if dataset_names == class_names else projection_from_class_names(class_names, dataset_names)
+        projection = None if dataset_names == class_names else _task_projection(task, class_names, dataset_names)
 
         def make_batches(subset):
             return iter_image_batches(
@@ -566,12 +583,27 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     return model, sets
 
 
+def _task_projection(task: str, class_names: list[str], dataset_names: list[str]):
+    """Match a task dataset's label names to the task's class names, by name in any order, ignoring case."""
+    from .label_spaces import normalize_class_name, projection_from_class_names
+
+    known = {normalize_class_name(name) for name in class_names}
+    unmatched = [name for name in dataset_names if normalize_class_name(name) not in known]
+    if unmatched:
+        raise ValueError(
+            f"{len(unmatched)} label names of the {task!r} dataset are not classes of task {task!r} (compared "
+            f"ignoring case): {unmatched[:20]}. The task's classes are {class_names}. Rename the dataset's labels or "
+            "the task's classes so that they agree."
+        )
+    return projection_from_class_names(class_names, dataset_names)
+
+
 def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
     """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename).
 
     With `plots`, also write accuracy.png, the bar chart of `hf_dawin.plots.plot_multitask_accuracy`.
     """
-    from .cli import _write_atomically, json_ready
+    from .cli import _write_atomically, json_ready, remove_stale_figures
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
@@ -581,6 +613,7 @@ def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = Tr
         from .plots import plot_multitask_accuracy
 
         paths["accuracy"] = plot_multitask_accuracy(results, output_dir / "accuracy.png")
+    remove_stale_figures(output_dir, ("accuracy.png",), paths)
     return paths
 
 
@@ -650,7 +683,7 @@ def main_multitask(argv: Sequence[str] | None = None) -> int:
     try:
         with library_progress_bars(arguments.progress):
             run_evaluate_multitask(arguments)
-    except (OSError, ValueError, RankFailedError) as error:
+    except (OSError, ValueError, RankFailedError, RankLostError) as error:
         # Invalid input (an unknown task, a missing column, an unreachable repository) ends the run with its
         # message, and so does a failed rank of a multi-process run. The traceback is logged at debug level
         # (TRANSFORMERS_VERBOSITY=debug). Nothing is written for a failed run.

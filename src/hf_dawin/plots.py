@@ -7,6 +7,8 @@ they work on machines without a display and leave the caller's backend unchanged
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,10 +57,23 @@ _DENSITY_POINTS = 2001
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Write `figure` as a PNG through a temporary file, so an interrupted write leaves an earlier figure intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=_DPI, bbox_inches="tight")
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as handle:
+        temporary = Path(handle.name)
+        try:
+            figure.savefig(handle, format="png", dpi=_DPI, bbox_inches="tight")
+        except BaseException:
+            handle.close()
+            temporary.unlink()
+            raise
+    # NamedTemporaryFile creates files readable by their owner only; figures are meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
     return path
 
 
