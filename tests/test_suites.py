@@ -161,6 +161,16 @@ def test_in_distribution_names_in_other_order():
     assert in_distribution_projection(NAMES, [name.upper() for name in NAMES]) is None
 
 
+def test_in_distribution_partial_name_match_rejected(caplog):
+    near_names = ["white shark", "tench", "goldfish", "tiger_shark"]
+
+    with pytest.raises(ValueError, match=r"label 0 'white shark' is model class 2, while \['tiger_shark'\] are not"):
+        in_distribution_projection(NAMES, near_names)
+    # Names that differ only where they sit at their own position keep the position match, with a warning.
+    assert in_distribution_projection(NAMES, ["tench", "goldfish", "white shark", "tiger_shark"]) is None
+    assert "'tiger_shark' as 'tiger shark'" in caplog.text
+
+
 def test_split_source(tmp_path):
     assert split_source("ILSVRC/imagenet-1k:validation") == ("ILSVRC/imagenet-1k", "validation")
     assert split_source("ILSVRC/imagenet-1k:validation[:100]") == ("ILSVRC/imagenet-1k", "validation[:100]")

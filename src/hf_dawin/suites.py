@@ -261,14 +261,42 @@ def in_distribution_projection(
         projection = _projection_from_indices(len(model_class_names), label_names)
         return None if projection.kind == "identity" else projection
     if len(label_names) == len(model_class_names):
-        logger.info(
-            "The in-distribution dataset's label names differ from the model's class names; label i is taken as "
-            "model class i (for example %r is %r).",
-            label_names[0],
-            model_class_names[0],
-        )
+        _check_position_match(model_class_names, label_names)
         return None
     return projection_for_dataset(model_class_names, label_names, model_wordnet_ids=model_wordnet_ids)
+
+
+def _check_position_match(model_class_names: list[str], label_names: list[str]) -> None:
+    """Accept label `i` as model class `i`, unless a label names a model class at another position.
+
+    Such a label shows that the names were meant to match, so matching by position would score wrong classes.
+    """
+    positions = {normalize_class_name(name): index for index, name in enumerate(model_class_names)}
+    moved = [
+        (index, name, positions[normalize_class_name(name)])
+        for index, name in enumerate(label_names)
+        if positions.get(normalize_class_name(name), index) != index
+    ]
+    if moved:
+        index, name, position = moved[0]
+        unmatched = [name for name in label_names if normalize_class_name(name) not in positions]
+        raise ValueError(
+            f"The in-distribution dataset's labels name model classes, but not all of them: label {index} {name!r} "
+            f"is model class {position}, while {unmatched[:10]} are not model class names. Matching by position "
+            "would score the wrong classes. Make every label name a class name (ignoring case), for example by "
+            "renaming the image folders or the lines of --class-names."
+        )
+    differing = [(label, name) for label, name in zip(label_names, model_class_names) if label != name]
+    message = (
+        "The in-distribution dataset's label names differ from the model's class names, so label i is taken as "
+        "model class i: " + ", ".join(f"{label!r} as {name!r}" for label, name in differing[:5])
+        + (", ..." if len(differing) > 5 else "") + "."
+    )
+    if are_wordnet_ids(label_names):
+        # ImageNet folders named by WordNet id beside readable class names: the usual layout.
+        logger.info(message)
+    else:
+        logger.warning(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
