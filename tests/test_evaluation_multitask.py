@@ -218,6 +218,14 @@ def test_evaluate_command_routes_multitask(model, tmp_path, capsys, flag):
     assert "DaWin (per sample)" in capsys.readouterr().out
 
 
+def test_evaluate_command_rejects_pair_options_for_multitask(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+
+    with pytest.raises(SystemExit, match="^hf-dawin evaluate: error: --model names a multi-task DaWin model.* "
+                                         "--id-dataset, --shift-dataset cannot be used"):
+        main(["evaluate", "--model", str(tmp_path / "model"), "--id-dataset", "x", "--shift-dataset", "a=b"])
+
+
 def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
     pretrained_dir, fine_tuned_dir = tiny_pair_dirs
     save_image_dataset(tmp_path / "pets", ["cat", "dog"], 4, seed=2)

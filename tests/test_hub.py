@@ -657,6 +657,9 @@ def test_unknown_repo_offline_from_pretrained_pair():
     with pytest.raises(OSError, match="Could not load the zero-shot endpoint from 'nobody-here/no-such-clip'") as error:
         DaWinCLIPModel.from_pretrained_pair("nobody-here/no-such-clip", "nobody-here/other", class_names=["a", "b"])
     assert "Offline mode is on (HF_HUB_OFFLINE=1)" in str(error.value)
+    assert "not a local folder, and the Hub cache has no copy of it" in str(error.value)
+    assert "internet connection" not in str(error.value)
+    assert "\n" not in str(error.value)
     assert time.perf_counter() - started < 5
 
 
@@ -681,6 +684,7 @@ def test_unknown_repo_offline_cli(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "hf-dawin evaluate: error: Could not load a DaWin model from 'nobody-here/no-such-dawin-model'" in error
     assert "Traceback" not in error
+    assert error.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -530,6 +530,11 @@ def check_text_file(path: str | None, option: str, contents: str) -> None:
         raise SystemExit(f"error: {option} {path} is not a file. Pass a text file with {contents}.")
 
 
+def one_line(error: BaseException) -> str:
+    """Return an error's message on one line, since some library messages span several."""
+    return " ".join(str(error).split())
+
+
 def with_program_name(program: str, run: Callable[[], int]) -> int:
     """Run a command, giving its `SystemExit("error: ...")` messages the `PROGRAM: error:` prefix of argparse."""
     try:
@@ -867,6 +872,22 @@ def _is_multitask_request(argv: list[str]) -> bool:
     return False
 
 
+# Options of the pair evaluation that a multi-task evaluation replaces with --task-dataset.
+_PAIR_DATA_OPTIONS = ("--id-dataset", "--shift-dataset", "--suite", "--class-names")
+
+
+def _reject_pair_options_for_multitask(argv: list[str]) -> None:
+    """Exit with an error if `evaluate --model MULTITASK_FOLDER` also has options of the pair evaluation."""
+    if "--multitask" in argv:
+        return
+    used = sorted({argument.split("=", 1)[0] for argument in argv if argument.split("=", 1)[0] in _PAIR_DATA_OPTIONS})
+    if used:
+        raise SystemExit(
+            f"hf-dawin evaluate: error: --model names a multi-task DaWin model, which is evaluated per task, so "
+            f"{', '.join(used)} cannot be used. Pass --task-dataset TASK=SOURCE once per task instead."
+        )
+
+
 def local_model_type(source: str) -> str | None:
     """Return the `model_type` in the config.json of a local folder, or None for a Hub id or an unreadable config.
 
@@ -889,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         _build_parser().print_help()
         return 0
     if argv[0] == "evaluate" and _is_multitask_request(argv[1:]):
+        _reject_pair_options_for_multitask(argv[1:])
         argv = ["evaluate-multitask", *(argument for argument in argv[1:] if argument != "--multitask")]
     if argv[0] == "evaluate-multitask":
         from .evaluation_multitask import main_multitask
@@ -914,11 +936,11 @@ def _main_evaluate(argv: list[str]) -> int:
         # Invalid input (an unknown repository, a missing column, unmatched labels) ends the run with its
         # message. The traceback is logged at debug level (TRANSFORMERS_VERBOSITY=debug).
         logger.debug("hf-dawin evaluate failed.", exc_info=True)
-        print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+        print(f"hf-dawin evaluate: error: {one_line(error)}", file=sys.stderr)
         return 1
     except (RankFailedError, RankLostError) as error:
         # Every rank of a multi-process run ends here when one rank failed or stopped; nothing was written.
-        print(f"hf-dawin evaluate: error: {error}", file=sys.stderr)
+        print(f"hf-dawin evaluate: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -475,8 +475,8 @@ def _image_storage_dataset(dataset: datasets.Dataset, image_column: str, label_c
         )
         raise ValueError(
             f"Column {image_column!r} must be a datasets.Image feature or a string path column, got {feature!r}. "
-            f"Columns that can hold images: {image_columns or 'none'}; pass one as the image column "
-            "(--image-column with hf-dawin evaluate)."
+            f"Columns that can hold images: {image_columns or 'none'}. Pass one of them as the image column "
+            "(--image-column on the command line)."
         )
     columns = [image_column] if image_column == label_column else [image_column, label_column]
     return dataset.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))

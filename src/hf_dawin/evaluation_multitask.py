@@ -33,6 +33,7 @@ from .cli import (
     evaluation_dtype,
     library_progress_bars,
     local_model_type,
+    one_line,
     place_on_process_device,
     record_run_settings,
     saved_model_dtype,
@@ -688,6 +689,6 @@ def main_multitask(argv: Sequence[str] | None = None) -> int:
         # message, and so does a failed rank of a multi-process run. The traceback is logged at debug level
         # (TRANSFORMERS_VERBOSITY=debug). Nothing is written for a failed run.
         logger.debug("hf-dawin evaluate-multitask failed.", exc_info=True)
-        print(f"hf-dawin evaluate-multitask: error: {error}", file=sys.stderr)
+        print(f"hf-dawin evaluate-multitask: error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

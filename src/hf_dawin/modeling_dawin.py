@@ -44,8 +44,8 @@ from .interpolation import (
 from .mixture import BetaMixture
 from .placement import (
     check_devices_available,
-    check_max_memory_devices,
     check_dtype_supported,
+    check_max_memory_devices,
     check_module_device_map,
     prepare_endpoint,
     remaining_memory,
@@ -518,8 +518,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         except OSError as error:
             raise OSError(
                 f"Could not load a DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{str(error).rstrip('.')}.{_offline_note()} Pass a folder written by DaWinCLIPModel.save_pretrained "
-                "or a Hub id reachable from this machine."
+                f"{_load_error_text(error, pretrained_model_name_or_path)}.{_offline_note()} Pass a folder written by "
+                "DaWinCLIPModel.save_pretrained or a Hub id reachable from this machine."
             ) from error
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
         # before the first image.
@@ -960,7 +960,8 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
             model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
         except OSError as error:
             raise OSError(
-                f"Could not load the {name} endpoint from {str(endpoint)!r}: {str(error).rstrip('.')}.{_offline_note()} "
+                f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}."
+                f"{_offline_note()} "
                 "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
                 "a loaded CLIPModel."
             ) from error
@@ -1024,6 +1025,17 @@ def _load_endpoints(
             endpoint_model = copy.deepcopy(endpoint_model)
         loaded.append((endpoint_model, source))
     return loaded
+
+
+def _load_error_text(error: OSError, source) -> str:
+    """Return the reason of a failed load in one sentence, without transformers' advice to check the connection.
+
+    In offline mode a source that is not a local folder was looked up in the Hub cache only, so "check your
+    internet connection" would mislead.
+    """
+    if huggingface_hub.constants.is_offline_mode() and not Path(str(source)).expanduser().exists():
+        return "it is not a local folder, and the Hub cache has no copy of it"
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def _offline_note() -> str:

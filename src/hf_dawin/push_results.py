@@ -17,6 +17,8 @@ from pathlib import Path
 from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
+from .cli import one_line
+
 
 logger = logging.get_logger(__name__)
 
@@ -224,7 +226,7 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
         results, kind = load_saved_results(arguments.results_dir)
         method, alpha = check_reported(results, kind, method=arguments.method, alpha=arguments.alpha)
     except (OSError, ValueError) as error:
-        print(f"hf-dawin push-results: error: {error}", file=sys.stderr)
+        print(f"hf-dawin push-results: error: {one_line(error)}", file=sys.stderr)
         return 1
     try:
         commit = _push_checked(
@@ -232,12 +234,13 @@ def main_push_results(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as error:
         # The repository's card describes another kind of model than the one these results are from.
-        print(f"hf-dawin push-results: error: {error}", file=sys.stderr)
+        print(f"hf-dawin push-results: error: {one_line(error)}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - network and Hub errors have no common base class
         logger.debug("hf-dawin push-results failed.", exc_info=True)
         print(
-            f"hf-dawin push-results: error: pushing to {arguments.repo_id} failed ({type(error).__name__}: {error}). "
+            f"hf-dawin push-results: error: pushing to {arguments.repo_id} failed ({type(error).__name__}: "
+            f"{one_line(error)}). "
             "Check the connection, HF_ENDPOINT and your token, then run the command again.",
             file=sys.stderr,
         )
