@@ -37,6 +37,7 @@ from .distributed import (
 )
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
 from .placement import check_dtype_supported
+from .saving import move_into_place
 from .suites import (
     SUITES,
     ImageNetSuiteSources,
@@ -700,26 +701,12 @@ def _has_class_names(dataset, arguments: EvaluateArguments) -> bool:
     return isinstance(dataset.features.get(arguments.label_column), datasets.ClassLabel)
 
 
-def _default_file_mode() -> int:
-    """Return the mode a newly created file gets under the current umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _replace_with(temporary: Path, path: Path) -> None:
-    """Move a finished temporary file onto `path`, with the mode an ordinary new file would have."""
-    # NamedTemporaryFile creates files readable by their owner only; results are meant to be shared.
-    os.chmod(temporary, _default_file_mode())
-    os.replace(temporary, path)
-
-
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(text)
         temporary = Path(handle.name)
-    _replace_with(temporary, path)
+    move_into_place(temporary, path)
 
 
 def json_ready(value):
@@ -750,7 +737,7 @@ def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dic
     with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".coefficients.", suffix=".npz", delete=False) as handle:
         np.savez(handle, **{name: np.asarray(values, dtype=np.float32) for name, values in coefficients.items()})
         temporary = Path(handle.name)
-    _replace_with(temporary, paths["coefficients"])
+    move_into_place(temporary, paths["coefficients"])
     if plots:
         paths.update(_write_plots(results, coefficients, output_dir))
     remove_stale_figures(output_dir, ("id_vs_ood.png", "coefficients.png"), paths)

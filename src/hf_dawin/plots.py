@@ -7,7 +7,6 @@ they work on machines without a display and leave the caller's backend unchanged
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from scipy.stats import beta as beta_distribution
 from transformers.utils import logging
 
 from .mixture import BetaMixture
+from .saving import move_into_place
 
 
 logger = logging.get_logger(__name__)
@@ -69,11 +69,7 @@ def _save(figure: Figure, path: str | Path) -> Path:
             handle.close()
             temporary.unlink()
             raise
-    # NamedTemporaryFile creates files readable by their owner only; figures are meant to be shared.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
+    move_into_place(temporary, path)
     return path
 
 

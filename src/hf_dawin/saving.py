@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-__all__ = ["is_weight_file", "pop_push_arguments", "remove_abandoned_folders", "save_atomically"]
+__all__ = ["is_weight_file", "move_into_place", "pop_push_arguments", "remove_abandoned_folders", "save_atomically"]
 
 # Staging folders are named ".<target>.saving-<process id>-<random>", beside the target.
 _STAGING_MARK = ".saving-"
@@ -57,6 +57,18 @@ def remove_abandoned_folders(parent: Path, prefix: str) -> None:
 def _remove_abandoned_staging(target: Path) -> None:
     """Remove staging folders of earlier saves into `target` whose process no longer exists."""
     remove_abandoned_folders(target.parent, f".{target.name}{_STAGING_MARK}")
+
+
+def move_into_place(temporary: Path, path: Path) -> None:
+    """Move a finished temporary file onto `path`, with the mode an ordinary new file gets under the umask.
+
+    `tempfile.NamedTemporaryFile` creates files readable by their owner only, but results and figures are meant
+    to be shared, so the file first gets 0644 under the usual umask 022.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
 
 
 def save_atomically(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
