@@ -153,10 +153,7 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """
         if isinstance(kwargs.get("config"), PreTrainedConfig):
             return
-        names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-        config_dict, _ = PreTrainedConfig.get_config_dict(
-            pretrained_model_name_or_path, **{name: kwargs[name] for name in names if name in kwargs}
-        )
+        config_dict = _saved_config_dict(pretrained_model_name_or_path, kwargs)
         found, expected = config_dict.get("model_type"), cls.config_class.model_type
         if found == expected:
             return
@@ -887,15 +884,12 @@ def check_local_folder(source, writer: str) -> None:
 
 
 def _saved_config_dict(source, load_kwargs: dict) -> dict:
+    """Read the config.json of a local folder or Hub repository with the Hub arguments of `load_kwargs`."""
     names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
     config_dict, _ = PreTrainedConfig.get_config_dict(
         str(source), **{name: load_kwargs[name] for name in names if name in load_kwargs}
     )
     return config_dict
-
-
-def _saved_model_type(source, load_kwargs: dict) -> str | None:
-    return _saved_config_dict(source, load_kwargs).get("model_type")
 
 
 def _check_class_names_override(source, load_kwargs: dict) -> None:
@@ -955,7 +949,7 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
     if isinstance(endpoint, (str, Path)):
         check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
         try:
-            model_type = _saved_model_type(endpoint, load_kwargs)
+            model_type = _saved_config_dict(endpoint, load_kwargs).get("model_type")
             _check_clip_model_type(endpoint, name, model_type)
             model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
         except OSError as error:
