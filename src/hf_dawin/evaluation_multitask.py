@@ -586,10 +586,9 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
 
 def _task_projection(task: str, class_names: list[str], dataset_names: list[str]):
     """Match a task dataset's label names to the task's class names, by name in any order, ignoring case."""
-    from .label_spaces import normalize_class_name, projection_from_class_names
+    from .label_spaces import projection_from_class_names, unmatched_class_names
 
-    known = {normalize_class_name(name) for name in class_names}
-    unmatched = [name for name in dataset_names if normalize_class_name(name) not in known]
+    unmatched = unmatched_class_names(class_names, dataset_names)
     if unmatched:
         raise ValueError(
             f"{len(unmatched)} label names of the {task!r} dataset are not classes of task {task!r} (compared "

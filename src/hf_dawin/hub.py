@@ -516,10 +516,11 @@ def replace_card_results(
     """
     # Every entry of a re-evaluated dataset goes, so no metric of an earlier method outlives it.
     replaced = {result.unique_identifier for result in new_results}
-    kept = [result for result in (card.data.eval_results or []) if result.unique_identifier not in replaced]
-    card.data.eval_results = kept + list(new_results)
-    if kept:
-        other_datasets = ", ".join(f"`{name}`" for name in dict.fromkeys(result.dataset_name for result in kept))
+    other_entries = [result for result in (card.data.eval_results or []) if result.unique_identifier not in replaced]
+    card.data.eval_results = other_entries + list(new_results)
+    if other_entries:
+        dataset_names = dict.fromkeys(result.dataset_name for result in other_entries)
+        other_datasets = ", ".join(f"`{name}`" for name in dataset_names)
         note = (
             f"\nThe `model-index` metadata also keeps entries for datasets that this evaluation did not cover: "
             f"{other_datasets}. They come from an earlier evaluation or were written by hand.\n"

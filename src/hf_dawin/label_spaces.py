@@ -106,6 +106,12 @@ def normalize_class_name(name: str) -> str:
     return name.strip().casefold()
 
 
+def unmatched_class_names(class_names: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Return the entries of `names` that match no entry of `class_names`, compared with [`normalize_class_name`]."""
+    known = {normalize_class_name(name) for name in class_names}
+    return [name for name in names if normalize_class_name(name) not in known]
+
+
 def _check_names(names: Any, argument: str) -> list[str]:
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"{argument} must be a sequence of strings, got {type(names).__name__}.")
@@ -333,7 +339,7 @@ def projection_from_class_names(
     for index, name in enumerate(model_class_names):
         positions.setdefault(normalize_class_name(name), []).append(index)
 
-    missing = [name for name in eval_class_names if normalize_class_name(name) not in positions]
+    missing = unmatched_class_names(model_class_names, eval_class_names)
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(eval_class_names)} evaluation class names were not found among the "
@@ -621,4 +627,5 @@ __all__ = [
     "objectnet_projection",
     "projection_from_class_names",
     "projection_from_wordnet_ids",
+    "unmatched_class_names",
 ]

@@ -31,6 +31,7 @@ from .label_spaces import (
     normalize_class_name,
     projection_from_class_names,
     projection_from_wordnet_ids,
+    unmatched_class_names,
 )
 
 
@@ -279,7 +280,7 @@ def _check_position_match(model_class_names: list[str], label_names: list[str]) 
     ]
     if moved:
         index, name, position = moved[0]
-        unmatched = [name for name in label_names if normalize_class_name(name) not in positions]
+        unmatched = unmatched_class_names(model_class_names, label_names)
         raise ValueError(
             f"The in-distribution dataset's labels name model classes, but not all of them: label {index} {name!r} "
             f"is model class {position}, while {unmatched[:10]} are not model class names. Matching by position "
