@@ -1,11 +1,12 @@
 """Placement with device_map: one map, per-endpoint maps, Accelerate hooks, and maps that do not fit."""
 
+import psutil
 import pytest
 import torch
 from accelerate import dispatch_model
 
 from hf_dawin import DaWinCLIPModel
-from hf_dawin.placement import split_device_map
+from hf_dawin.placement import cgroup_memory_left, free_memory, module_bytes, split_device_map
 
 from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_clip
 
@@ -219,3 +220,29 @@ def test_max_memory_for_missing_gpu_rejected(tiny_pair_dirs, tiny_model, tmp_pat
     tiny_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="max_memory of the DaWin model names 'cuda:3', but CUDA is not available"):
         DaWinCLIPModel.from_pretrained(tmp_path, device_map="auto", max_memory={"cuda:3": "1GiB"})
+
+
+def test_memory_sizes_of_modules_and_devices():
+    layer = torch.nn.Linear(3, 4, dtype=torch.float64)
+    layer.register_buffer("scale", torch.zeros(5, dtype=torch.float16))
+    assert module_bytes(layer) == (3 * 4 + 4) * 8 + 5 * 2
+    assert 0 < free_memory("cpu") <= psutil.virtual_memory().total
+    assert free_memory("meta") is None
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "1000\n", "memory.current": "300\n"}, 700),
+        ({"memory.max": "max\n", "memory.current": "300\n"}, None),
+        ({"memory.max": "200\n", "memory.current": "300\n"}, 0),
+        ({"memory/memory.limit_in_bytes": "5000", "memory/memory.usage_in_bytes": "1000"}, 4000),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "1000"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_memory_limits(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory_left(tmp_path) == expected

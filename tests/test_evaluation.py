@@ -11,7 +11,18 @@ from PIL import Image
 
 from hf_dawin import cli as cli_module
 from hf_dawin.cli import main
-from hf_dawin.evaluation import METHODS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
+from hf_dawin import evaluation as evaluation_module
+from hf_dawin.distributed import DistributedState
+from hf_dawin.evaluation import (
+    METHODS,
+    EvaluationSet,
+    EvaluationSettings,
+    evaluate_pair,
+    run_method_pass,
+    run_weighted_pass,
+    summarize,
+    sweep_groups,
+)
 from hf_dawin.label_spaces import LabelSpaceProjection
 
 from .conftest import TINY_CLASS_NAMES
@@ -88,6 +99,93 @@ def test_skipped_examples_reported(tiny_model, sets):
     results = evaluate_pair(tiny_model, [sets[0], with_skips], EvaluationSettings(alphas=(0.5,), progress=False))
     assert results["sets"]["shift"]["num_examples"] == 8
     assert results["sets"]["shift"]["num_skipped"] == 2
+
+
+def _counting(evaluation_set):
+    """Wrap a set so that `reads[0]` counts how often its batches are read."""
+    reads = [0]
+    source = evaluation_set.batches
+
+    def batches():
+        reads[0] += 1
+        return source()
+
+    evaluation_set.batches = batches
+    return reads
+
+
+SWEEP = (0.0, 0.1, 0.2, 0.3, 0.7, 0.9, 1.0)
+
+
+@torch.no_grad()
+def test_methods_share_one_pass_per_set(tiny_model, sets):
+    reads = [_counting(evaluation_set) for evaluation_set in sets]
+    results = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False))
+    # The endpoint pass, then one pass for DaWin's two modes and the six merged WiSE-FT models.
+    assert [count[0] for count in reads] == [2, 2]
+    assert results["wise_ft_sweep"]["alphas"] == [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("per_pass", [1, 4])
+def test_results_do_not_depend_on_the_sweep_grouping(tiny_model, sets, per_pass):
+    shared = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False))
+    reads = [_counting(evaluation_set) for evaluation_set in sets]
+    grouped = evaluate_pair(
+        tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False, sweep_models_per_pass=per_pass)
+    )
+    # Six merged models in groups of `per_pass`, after the endpoint pass.
+    assert [count[0] for count in reads] == [1 + -(-6 // per_pass)] * 2
+    grouped["settings"].pop("sweep_models_per_pass")
+    shared["settings"].pop("sweep_models_per_pass")
+    assert grouped == shared
+
+
+@torch.no_grad()
+def test_method_pass_equals_separate_passes(tiny_model, sets):
+    expected = torch.arange(10)
+    coefficients = torch.linspace(0.0, 1.0, 10)
+    methods = {
+        "sample": lambda pixel_values, rows: tiny_model.interpolated_logits(pixel_values, coefficients[rows]),
+        "static": lambda pixel_values, rows: tiny_model.static_logits(pixel_values, 0.4),
+    }
+    num_classes = tiny_model.config.num_classes
+    shared = run_method_pass(sets[0], expected, "both", methods, num_classes=num_classes, progress=False)
+    for name, classify in methods.items():
+        alone = run_weighted_pass(sets[0], expected, name, classify, num_classes=num_classes, progress=False)
+        assert torch.equal(shared[name], alone)
+    with pytest.raises(ValueError, match="'indices' is reserved"):
+        run_method_pass(sets[0], expected, "bad", {"indices": methods["static"]}, num_classes=num_classes)
+
+
+def test_sweep_groups_sized_by_free_memory(tiny_model, monkeypatch):
+    state = DistributedState()
+    alphas = [0.0, 0.1, 0.2, 0.3, 0.5, 1.0]
+    settings = EvaluationSettings(n_components=3)
+    classifier_bytes = evaluation_module.module_bytes(tiny_model.endpoint_classifiers()[0])
+    # Half the free memory holds the mixed model, the 3 components and two merged models.
+    monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 2 * 6 * classifier_bytes)
+    assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1, 0.2], [0.3, 0.5]]
+    monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 10**15)
+    assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1, 0.2, 0.3, 0.5]]
+    # Too little memory, or none known, still runs one merged model per pass.
+    monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 0)
+    assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1], [0.2], [0.3], [0.5]]
+    monkeypatch.setattr(evaluation_module, "free_memory", lambda device: None)
+    assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1], [0.2], [0.3], [0.5]]
+    assert sweep_groups(tiny_model, [0.0, 1.0], settings, state) == []
+    # Processes on one machine share its memory.
+    monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 2 * 8 * classifier_bytes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1], [0.2], [0.3], [0.5]]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_bad_sweep_models_per_pass_rejected_before_any_pass(tiny_model, sets, value):
+    reads = [_counting(evaluation_set) for evaluation_set in sets]
+    with pytest.raises(ValueError, match="sweep_models_per_pass must be a positive integer or None"):
+        evaluate_pair(tiny_model, sets, EvaluationSettings(progress=False, sweep_models_per_pass=value))
+    assert [count[0] for count in reads] == [0, 0]
 
 
 def test_bad_sets_rejected(tiny_model, sets):

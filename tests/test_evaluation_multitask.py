@@ -116,6 +116,23 @@ def test_scores_match_forward_modes(model, task_data):
 
 
 @torch.no_grad()
+def test_merged_models_share_one_pass(model, task_data):
+    sets = {task: tensor_set(task, *values) for task, values in task_data.items()}
+    reads = {task: 0 for task in sets}
+    for task, evaluation_set in sets.items():
+        source = evaluation_set.batches
+
+        def counted(task=task, source=source):
+            reads[task] += 1
+            return source()
+
+        evaluation_set.batches = counted
+    evaluate_multitask(model, sets, MultiTaskEvaluationSettings(progress=False))
+    # The endpoint pass, then one pass for the four static merges and per-sample DaWin.
+    assert reads == {"animals": 2, "colours": 2}
+
+
+@torch.no_grad()
 def test_ties_can_be_skipped(model, task_data):
     sets = {"colours": tensor_set("colours", *task_data["colours"])}
     results = evaluate_multitask(model, sets, MultiTaskEvaluationSettings(include_ties=False, progress=False))

@@ -3,8 +3,9 @@
 For every evaluation set the two endpoint passes run once; their logits, projected to the set's label
 space, feed every method that needs them (zero-shot, fine-tuned, output ensemble, entropy selection, the
 oracle and DaWin's coefficients). Methods with their own weights (DaWin `sample` and `mixture`, the WiSE-FT
-sweep) then run one more pass each. Only per-sample logits, labels and coefficients are kept between passes,
-never images.
+sweep) then share one more pass over the set: each batch is read and preprocessed once and classified by
+all of them. When the sweep's merged models do not fit in memory together, the sweep is split over several
+passes. Only per-sample logits, labels and coefficients are kept between passes, never images.
 
 Under `accelerate launch` or `torchrun` every pass is sharded across the processes by batch and the
 per-sample results are gathered back in example order (see `hf_dawin.distributed`), so a multi-process run
@@ -14,7 +15,8 @@ scores the same arrays as a single-process one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,6 +36,7 @@ from .distributed import DistributedState, get_distributed_state
 from .label_spaces import LabelSpaceProjection
 from .mixture import BetaMixture
 from .modeling_dawin import DaWinCLIPModel
+from .placement import free_memory, module_bytes
 from .scoring import compute_scores
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "collect_endpoint_predictions",
     "evaluate_pair",
     "run_gathered_pass",
+    "run_method_pass",
     "run_weighted_pass",
     "summarize",
 ]
@@ -105,12 +109,17 @@ class EvaluationSettings:
         offset_adjustment (`bool`): Use the offset adjustment with each set's entropy statistics.
         n_components (`int`): Components of the Beta mixture fitted on each set's coefficients.
         progress (`bool`): Show progress bars.
+        sweep_models_per_pass (`int`, *optional*): How many merged WiSE-FT models one pass over a set holds and
+            runs. `None` fits as many as half the free memory of the model's device allows, shared by the
+            processes of a multi-process run. Each further group of alphas costs one more read of every set, and
+            the results are the same for any value.
     """
 
     alphas: Sequence[float] = DEFAULT_ALPHAS
     offset_adjustment: bool = False
     n_components: int = 3
     progress: bool = True
+    sweep_models_per_pass: int | None = None
 
 
 @dataclass
@@ -301,6 +310,57 @@ def collect_endpoint_predictions(
 
 
 @torch.inference_mode()
+def run_method_pass(
+    evaluation_set: EvaluationSet,
+    expected: torch.Tensor,
+    description: str,
+    methods: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    *,
+    num_classes: int,
+    progress: bool = True,
+    state: DistributedState | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a set once and classify every batch with each of several methods; return their projected logits.
+
+    Each method is called as `classify(pixel_values, rows)`, where `rows` are the batch's positions among
+    `expected`, the examples of the endpoint pass, so that it can look up per-sample values such as
+    coefficients. Every method sees the same batches as it would in a pass of its own, so its logits do not
+    depend on which methods share the pass. In a multi-process run each rank classifies its share and every
+    rank returns the gathered logits of the whole set.
+
+    Args:
+        evaluation_set ([`EvaluationSet`]): The set of the endpoint pass.
+        expected (`torch.Tensor` of shape `(num_examples,)`): Sorted indices returned by the endpoint pass.
+        description (`str`): Progress bar text.
+        methods (`Mapping[str, Callable]`): Method name to a function returning logits `(batch_size,
+            num_classes)` in the model's label space.
+        num_classes (`int`): Classes of the model's logits, before the set's projection.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+        state ([`DistributedState`], *optional*): The processes; defaults to the current launch.
+
+    Returns:
+        `dict[str, torch.Tensor]`: Per method, logits of shape `(len(expected), num_classes_of_the_set)`.
+
+    Raises:
+        RuntimeError: If the pass did not return exactly the examples in `expected`.
+    """
+    if "indices" in methods:
+        raise ValueError("'indices' is reserved for the examples' positions; name the method otherwise.")
+    projection = evaluation_set.projection
+
+    def compute(pixel_values, labels, indices):
+        rows = torch.searchsorted(expected, indices.cpu().long()).clamp_max(expected.numel() - 1)
+        return {name: _project(projection, classify(pixel_values, rows)) for name, classify in methods.items()}
+
+    empty = _empty_logits(num_classes, projection)
+    rows = run_gathered_pass(
+        evaluation_set, description, compute, {name: empty for name in methods},
+        step=f"the {description} pass over set '{evaluation_set.name}'", progress=progress, state=state,
+    )  # fmt: skip
+    ordered = _in_example_order(rows, evaluation_set.name, expected)
+    return {name: ordered[name] for name in methods}
+
+
 def run_weighted_pass(
     evaluation_set: EvaluationSet,
     expected: torch.Tensor,
@@ -311,38 +371,53 @@ def run_weighted_pass(
     progress: bool = True,
     state: DistributedState | None = None,
 ) -> torch.Tensor:
-    """Run `classify(pixel_values, rows)` over a set and return projected logits in example order.
+    """Run one method over a set: [`run_method_pass`] with `classify` alone; returns its logits in example order."""
+    return run_method_pass(
+        evaluation_set, expected, description, {"logits": classify},
+        num_classes=num_classes, progress=progress, state=state,
+    )["logits"]  # fmt: skip
 
-    `rows` are the batch's positions among `expected`, the examples of the endpoint pass, so that `classify` can
-    look up per-sample values such as coefficients. In a multi-process run each rank classifies its share and
-    every rank returns the gathered logits of the whole set.
 
-    Args:
-        evaluation_set ([`EvaluationSet`]): The set of the endpoint pass.
-        expected (`torch.Tensor` of shape `(num_examples,)`): Sorted indices returned by the endpoint pass.
-        description (`str`): Progress bar text.
-        classify (`Callable`): Returns logits `(batch_size, num_classes)` in the model's label space.
-        num_classes (`int`): Classes of the model's logits, before the set's projection.
-        progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
-        state ([`DistributedState`], *optional*): The processes; defaults to the current launch.
+def sweep_groups(
+    model: DaWinCLIPModel,
+    alphas: Sequence[float],
+    settings: EvaluationSettings,
+    state: DistributedState,
+) -> list[list[float]]:
+    """Split the WiSE-FT alphas that need a merged model into groups, one pass over each set per group.
 
-    Returns:
-        `torch.Tensor` of shape `(len(expected), num_classes_of_the_set)`.
-
-    Raises:
-        RuntimeError: If the pass did not return exactly the examples in `expected`.
+    The alphas 0 and 1 are the endpoints and need no pass. Without `settings.sweep_models_per_pass`, the main
+    process sizes the groups from the free memory of the model's device: half of it, divided among the
+    processes of the launch, holds the first pass's per-sample mixed model, the mixture's components and as
+    many merged models as fit (at least one). Every rank uses the main process's groups.
     """
-    projection = evaluation_set.projection
+    per_pass = settings.sweep_models_per_pass
+    if per_pass is not None and (not isinstance(per_pass, int) or isinstance(per_pass, bool) or per_pass < 1):
+        raise ValueError(f"sweep_models_per_pass must be a positive integer or None, received {per_pass!r}.")
+    merged = [alpha for alpha in alphas if alpha not in (0.0, 1.0)]
+    if not merged:
+        return []
+    if per_pass is None:
 
-    def compute(pixel_values, labels, indices):
-        rows = torch.searchsorted(expected, indices.cpu().long()).clamp_max(expected.numel() - 1)
-        return {"logits": _project(projection, classify(pixel_values, rows))}
+        def plan() -> dict:
+            classifier = model.endpoint_classifiers()[0]
+            available = free_memory(model.zero_shot_head.weight.device)
+            if available is None:
+                return {"per_pass": 1}
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.world_size))
+            budget = available // 2 // max(processes, 1)
+            # The first pass also holds the mixed model (one task vector per weight) and the K components.
+            fitting = budget // max(module_bytes(classifier), 1) - 1 - settings.n_components
+            return {"per_pass": max(1, int(fitting))}
 
-    rows = run_gathered_pass(
-        evaluation_set, description, compute, {"logits": _empty_logits(num_classes, projection)},
-        step=f"the {description} pass over set '{evaluation_set.name}'", progress=progress, state=state,
-    )  # fmt: skip
-    return _in_example_order(rows, evaluation_set.name, expected)["logits"]
+        per_pass = _fit_on_main(state, "sizing the WiSE-FT sweep's passes", plan, lambda fitted: fitted["per_pass"])
+    return [merged[start : start + per_pass] for start in range(0, len(merged), per_pass)]
+
+
+def _sweep_description(group: Sequence[float]) -> str:
+    if len(group) == 1:
+        return f"WiSE-FT alpha={group[0]:g}"
+    return f"WiSE-FT alpha={group[0]:g}..{group[-1]:g} ({len(group)} models)"
 
 
 def _fit_on_main(state: DistributedState, step: str, fit: Callable[[], dict], load: Callable[[dict], object]):
@@ -405,6 +480,7 @@ def evaluate_pair(
             raise ValueError(f"WiSE-FT sweep values must lie in [0, 1], received {alpha}.")
     zero_shot_temperature, fine_tuned_temperature = model.config.temperatures
     temperatures = (zero_shot_temperature, fine_tuned_temperature)
+    groups = sweep_groups(model, alphas, settings, state)
 
     # Endpoint passes: once per set, reused by every method below.
     predictions = {
@@ -451,53 +527,44 @@ def evaluate_pair(
         choose_fine_tuned = (info["fine_tuned_entropy"] < info["zero_shot_entropy"]).unsqueeze(-1)
         p.method_logits["entropy_selection"] = torch.where(choose_fine_tuned, p.fine_tuned_logits, p.zero_shot_logits)
 
-    # DaWin: exact per-sample interpolation, then the mixture components.
-    for evaluation_set in sets:
-        info = per_set[evaluation_set.name]
-        coefficients = info["coefficients"]
-        expected = predictions[evaluation_set.name].indices
-        predictions[evaluation_set.name].method_logits["dawin_sample"] = run_weighted_pass(
-            evaluation_set,
-            expected,
-            "DaWin sample",
-            lambda pixel_values, indices, c=coefficients: model.interpolated_logits(pixel_values, c[indices]),
-            progress=settings.progress,
-            num_classes=model.config.num_classes,
-            state=state,
-        )
-        mixture = info["mixture"]
-        predictions[evaluation_set.name].method_logits["dawin_mixture"] = run_weighted_pass(
-            evaluation_set,
-            expected,
-            "DaWin mixture",
-            lambda pixel_values, indices, c=coefficients, m=mixture: model.mixture_logits(pixel_values, c[indices], m)[0],
-            progress=settings.progress,
-            num_classes=model.config.num_classes,
-            state=state,
-        )
-        model.clear_merged_cache()
-
-    # WiSE-FT sweep: one merged model per alpha, reused over all sets, then released.
-    sweep: dict[str, list[float]] = {s.name: [] for s in sets}
+    # DaWin (exact per-sample interpolation and the mixture components) and the WiSE-FT sweep's merged models
+    # share the passes over a set. The merged models are released after every pass.
     sweep_logits: dict[tuple[str, float], torch.Tensor] = {}
-    for alpha in alphas:
-        for evaluation_set in sets:
-            p = predictions[evaluation_set.name]
-            if alpha in (0.0, 1.0):
-                logits = p.zero_shot_logits if alpha == 0.0 else p.fine_tuned_logits
-            else:
-                logits = run_weighted_pass(
-                    evaluation_set,
-                    p.indices,
-                    f"WiSE-FT alpha={alpha:g}",
-                    lambda pixel_values, indices, a=alpha: model.static_logits(pixel_values, a),
-                    progress=settings.progress,
-                    num_classes=model.config.num_classes,
-                    state=state,
+    for evaluation_set in sets:
+        p = predictions[evaluation_set.name]
+        coefficients = per_set[evaluation_set.name]["coefficients"]
+        mixture = per_set[evaluation_set.name]["mixture"]
+        for position, group in enumerate(groups or [[]]):
+            methods = {}
+            parts = []
+            if position == 0:
+                methods["dawin_sample"] = lambda pixel_values, rows, c=coefficients: model.interpolated_logits(
+                    pixel_values, c[rows]
                 )
-            sweep_logits[(evaluation_set.name, alpha)] = logits
-            sweep[evaluation_set.name].append(_accuracy(logits, p.labels))
-        model.clear_merged_cache()
+                methods["dawin_mixture"] = lambda pixel_values, rows, c=coefficients, m=mixture: model.mixture_logits(
+                    pixel_values, c[rows], m
+                )[0]
+                parts.append("DaWin sample and mixture")
+            if group:
+                parts.append(_sweep_description(group))
+            description = ", ".join(parts)
+            for alpha in group:
+                methods[f"alpha={alpha!r}"] = lambda pixel_values, rows, a=alpha: model.static_logits(pixel_values, a)
+            logits = run_method_pass(
+                evaluation_set, p.indices, description, methods,
+                num_classes=model.config.num_classes, progress=settings.progress, state=state,
+            )  # fmt: skip
+            model.clear_merged_cache()
+            for method in ("dawin_sample", "dawin_mixture"):
+                if method in logits:
+                    p.method_logits[method] = logits[method]
+            for alpha in group:
+                sweep_logits[(evaluation_set.name, alpha)] = logits[f"alpha={alpha!r}"]
+        sweep_logits[(evaluation_set.name, 0.0)] = p.zero_shot_logits
+        sweep_logits[(evaluation_set.name, 1.0)] = p.fine_tuned_logits
+    sweep = {
+        s.name: [_accuracy(sweep_logits[(s.name, alpha)], predictions[s.name].labels) for alpha in alphas] for s in sets
+    }
 
     ood_names = [s.name for s in sets if not s.in_distribution]
     id_name = in_distribution[0]

@@ -2,9 +2,9 @@
 
 For each task the endpoint pass runs once: the pre-trained endpoint and every fine-tuned endpoint classify the
 task's images with their own heads for that task. Their logits give the individual models' scores and DaWin's
-task weights pi(x). Each merged model (weight averaging, task arithmetic, TIES, DaWin dataset-mean, and the
-exact per-sample DaWin) then runs one more pass. Only per-sample logits, labels and task weights are kept
-between passes, never images.
+task weights pi(x). The merged models (weight averaging, task arithmetic, TIES, DaWin dataset-mean, and the
+exact per-sample DaWin) then share one more pass, which reads each batch once. Only per-sample logits, labels
+and task weights are kept between passes, never images.
 
 `main_multitask` is the `hf-dawin evaluate-multitask` command. Without model arguments it runs the embedded
 suite: MNIST, Fashion-MNIST and scikit-learn digits, with a CLIP-architecture model pre-trained and fine-tuned
@@ -45,7 +45,7 @@ from .distributed import (
     get_distributed_state,
     is_main_launch_process,
 )
-from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_weighted_pass
+from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_method_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
 
@@ -252,25 +252,26 @@ def evaluate_multitask(
         if has_experts:
             predictions.method_logits["fine_tuned_expert"] = predictions.fine_tuned_logits[:, names.index(task)]
 
-        # Merged models: one pass each.
-        def merged_pass(method, classify):
-            predictions.method_logits[method] = run_weighted_pass(
-                evaluation_set, predictions.indices, _method_label(method), classify,
-                num_classes=model.config.num_classes(task), progress=settings.progress, state=state,
-            )  # fmt: skip
-
+        # Merged models: one shared pass, each batch read once and classified by every merge.
         static = {
             "weight_average": model.static_coefficients("weight_average"),
             "task_arithmetic": model.static_coefficients("task_arithmetic"),
             "dawin_dataset_mean": dataset_coefficients,
         }
-        for method, coefficients in static.items():
-            merged_pass(method, lambda pixel_values, rows, c=coefficients: model.static_logits(pixel_values, task, c))
+        merges = {
+            method: lambda pixel_values, rows, c=coefficients: model.static_logits(pixel_values, task, c)
+            for method, coefficients in static.items()
+        }
         if settings.include_ties:
-            merged_pass("ties", lambda pixel_values, rows: model.ties_logits(pixel_values, task))
-        merged_pass(
-            "dawin_sample",
-            lambda pixel_values, rows: model.interpolated_logits(pixel_values, task, sample_coefficients[rows]),
+            merges["ties"] = lambda pixel_values, rows: model.ties_logits(pixel_values, task)
+        merges["dawin_sample"] = lambda pixel_values, rows: model.interpolated_logits(
+            pixel_values, task, sample_coefficients[rows]
+        )
+        predictions.method_logits.update(
+            run_method_pass(
+                evaluation_set, predictions.indices, "merged models", merges,
+                num_classes=model.config.num_classes(task), progress=settings.progress, state=state,
+            )  # fmt: skip
         )
         model.clear_merged_cache()
 

@@ -13,6 +13,7 @@ weight of both endpoints, so a map that offloads weights to disk (what `device_m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,15 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "ENDPOINT_NAMES",
     "SUPPORTED_DTYPES",
+    "cgroup_memory_left",
     "check_devices_available",
     "check_dtype_supported",
     "check_endpoint_in_memory",
     "check_max_memory_devices",
     "check_module_device_map",
     "check_module_precision",
+    "free_memory",
+    "module_bytes",
     "prepare_endpoint",
     "resolve_dtype",
     "split_device_map",
@@ -298,6 +302,53 @@ def _format_bytes(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Return the bytes held by the parameters and buffers of `module`: what one more copy of it takes."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in (*module.parameters(), *module.buffers()))
+
+
+# Memory limit and usage files of a Linux control group: version 2, then version 1.
+_CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+def cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Return the bytes left under this process's control-group memory limit, or `None` without a limit.
+
+    Containers often limit memory below what the host reports as available, and the kernel stops a process that
+    exceeds the limit.
+    """
+    for limit_name, usage_name in _CGROUP_FILES:
+        try:
+            limit = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        # Version 2 writes "max" without a limit, and version 1 a number near 2**63.
+        if limit == "max" or int(limit) >= 2**62:
+            return None
+        return max(int(limit) - usage, 0)
+    return None
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Return the bytes that can still be allocated on `device`, or `None` where this is not known.
+
+    For `"cpu"` this is the host memory that the OS reports as available (`psutil`), or less under a control
+    group's memory limit. For a CUDA device it is the driver's free memory (`torch.cuda.mem_get_info`), so blocks
+    that PyTorch has cached but not used count as taken.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+        left = cgroup_memory_left()
+        return available if left is None else min(available, left)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
 
 
 def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | None = None) -> None:
