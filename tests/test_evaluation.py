@@ -128,7 +128,7 @@ def test_methods_share_one_pass_per_set(tiny_model, sets):
 
 @torch.no_grad()
 @pytest.mark.parametrize("per_pass", [1, 4])
-def test_results_do_not_depend_on_the_sweep_grouping(tiny_model, sets, per_pass):
+def test_sweep_grouping_keeps_results(tiny_model, sets, per_pass):
     shared = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False))
     reads = [_counting(evaluation_set) for evaluation_set in sets]
     grouped = evaluate_pair(
@@ -163,7 +163,7 @@ def test_sweep_groups_sized_by_free_memory(tiny_model, monkeypatch):
     alphas = [0.0, 0.1, 0.2, 0.3, 0.5, 1.0]
     settings = EvaluationSettings(n_components=3)
     classifier_bytes = evaluation_module.module_bytes(tiny_model.endpoint_classifiers()[0])
-    # Half the free memory holds the mixed model, the 3 components and two merged models.
+    # Half the free memory has room for the mixed model, the 3 components and two merged models.
     monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 2 * 6 * classifier_bytes)
     assert sweep_groups(tiny_model, alphas, settings, state) == [[0.1, 0.2], [0.3, 0.5]]
     monkeypatch.setattr(evaluation_module, "free_memory", lambda device: 10**15)
@@ -181,7 +181,7 @@ def test_sweep_groups_sized_by_free_memory(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
-def test_bad_sweep_models_per_pass_rejected_before_any_pass(tiny_model, sets, value):
+def test_bad_sweep_group_size_rejected(tiny_model, sets, value):
     reads = [_counting(evaluation_set) for evaluation_set in sets]
     with pytest.raises(ValueError, match="sweep_models_per_pass must be a positive integer or None"):
         evaluate_pair(tiny_model, sets, EvaluationSettings(progress=False, sweep_models_per_pass=value))
@@ -220,7 +220,7 @@ def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
     exit_code = main([
         "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
         "--id-dataset", str(id_dir), "--shift-dataset", f"inverted={shift_dir}", "--batch-size", "5",
-        "--alphas", "0,0.5,1", "--output-dir", str(output_dir), "--no-progress",
+        "--alphas", "0,0.2,0.5,1", "--output-dir", str(output_dir), "--no-progress",
     ])
     assert exit_code == 0
     printed = capsys.readouterr().out
@@ -230,6 +230,20 @@ def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
     assert set(results["summary"]) == set(METHODS)
     assert (output_dir / "results.md").read_text().startswith("| Method |")
     assert np.load(output_dir / "coefficients.npz")["inverted"].shape == (12,)
+
+    # One merged model per pass reads each set more often and scores the same.
+    grouped_dir = tmp_path / "grouped"
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", str(id_dir), "--shift-dataset", f"inverted={shift_dir}", "--batch-size", "5",
+        "--alphas", "0,0.2,0.5,1", "--output-dir", str(grouped_dir), "--no-progress", "--sweep-models-per-pass", "1",
+    ])
+    assert exit_code == 0
+    grouped = json.loads((grouped_dir / "results.json").read_text())
+    assert grouped["settings"]["sweep_models_per_pass"] == 1
+    for name in ("id", "inverted"):
+        assert grouped["sets"][name]["scores"] == results["sets"][name]["scores"]
+    assert grouped["wise_ft_sweep"] == results["wise_ft_sweep"]
 
 
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-offset-adjustment"], False)])
@@ -388,6 +402,7 @@ def test_cli_rejects_malformed_alphas(capsys):
     [
         (["--alphas", "0,1.5,-0.1"], r"--alphas values must lie in \[0, 1\], received \[1.5, -0.1\]"),
         (["--n-components", "0"], "--n-components must be at least 1, received 0"),
+        (["--sweep-models-per-pass", "0"], "--sweep-models-per-pass must be at least 1, received 0"),
         (["--split", "validation"], "--split is used only with your own model and datasets"),
         (["--templates", "t.txt", "--class-names", "c.txt"], "--class-names, --templates are used only with"),
         (["--shift-dataset", "a=b"], "--shift-dataset is used only with"),

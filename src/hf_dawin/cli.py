@@ -80,6 +80,7 @@ class EvaluateArguments:
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     offset_adjustment: bool | None = None
     n_components: int = 3
+    sweep_models_per_pass: int | None = None
     output_dir: str = "hf_dawin_results"
     cache_dir: str | None = None
     seed: int = 0
@@ -209,6 +210,14 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     evaluate.add_argument("--n-components", type=int, default=3, help="Beta mixture components (default: 3).")
+    evaluate.add_argument(
+        "--sweep-models-per-pass",
+        type=int,
+        help=(
+            "Merged WiSE-FT models held in memory during one pass over a set; further alphas take more passes. "
+            "Default: as many as half the device's free memory holds. The results are the same for any value."
+        ),
+    )
     add_dtype_argument(evaluate, "Entropies, coefficients and the mixture")
     evaluate.add_argument(
         "--output-dir", default="hf_dawin_results", help="Folder for results.json and the tables (default: hf_dawin_results)."
@@ -488,6 +497,10 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
         raise SystemExit(f"error: --alphas values must lie in [0, 1], received {invalid_alphas}.")
     if arguments.n_components < 1:
         raise SystemExit(f"error: --n-components must be at least 1, received {arguments.n_components}.")
+    if arguments.sweep_models_per_pass is not None and arguments.sweep_models_per_pass < 1:
+        raise SystemExit(
+            f"error: --sweep-models-per-pass must be at least 1, received {arguments.sweep_models_per_pass}."
+        )
     if not (pair_given or arguments.model or arguments.suite):
         reject_unused_options(
             arguments, EvaluateArguments(), _EMBEDDED_IGNORED, inputs="model and datasets",
@@ -817,6 +830,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
         offset_adjustment=offset_adjustment,
         n_components=arguments.n_components,
         progress=arguments.progress,
+        sweep_models_per_pass=arguments.sweep_models_per_pass,
     )
     results = evaluate_pair(model, sets, settings, state=state)
     if not state.is_main_process:
