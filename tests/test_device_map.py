@@ -230,19 +230,48 @@ def test_memory_sizes_of_modules_and_devices():
     assert free_memory("meta") is None
 
 
+GIB = 2**30
+NO_LIMIT_V1 = "9223372036854771712"
+
+
 @pytest.mark.parametrize(
-    ("files", "expected"),
+    ("membership", "files", "expected"),
     [
-        ({"memory.max": "1000\n", "memory.current": "300\n"}, 700),
-        ({"memory.max": "max\n", "memory.current": "300\n"}, None),
-        ({"memory.max": "200\n", "memory.current": "300\n"}, 0),
-        ({"memory/memory.limit_in_bytes": "5000", "memory/memory.usage_in_bytes": "1000"}, 4000),
-        ({"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": "1000"}, None),
-        ({}, None),
+        # Version 2 inside a namespace: the group is the mount point, and inactive file cache counts as free.
+        ("0::/\n", {"memory.max": "1000", "memory.current": "300", "memory.stat": "anon 100\ninactive_file 200\n"}, 900),
+        ("0::/\n", {"memory.max": "max\n", "memory.current": "300\n"}, None),
+        ("0::/\n", {"memory.max": "200\n", "memory.current": "300\n"}, 0),
+        # A limit set on a group above the process's own group applies too.
+        (
+            "0::/service.slice/job.scope\n",
+            {
+                "service.slice/memory.max": str(8 * GIB), "service.slice/memory.current": str(6 * GIB),
+                "service.slice/job.scope/memory.max": "max", "service.slice/job.scope/memory.current": str(GIB),
+            },
+            2 * GIB,
+        ),
+        # Version 1: the group is read under the memory mount, not at its top.
+        (
+            "4:memory:/jobs/7\n0::/\n",
+            {
+                "memory/memory.limit_in_bytes": NO_LIMIT_V1, "memory/memory.usage_in_bytes": str(9 * GIB),
+                "memory/jobs/7/memory.limit_in_bytes": "5000", "memory/jobs/7/memory.usage_in_bytes": "1000",
+                "memory/jobs/7/memory.stat": "cache 900\ntotal_inactive_file 500\n",
+            },
+            4500,
+        ),
+        ("4:memory:/jobs/7\n", {"memory/memory.limit_in_bytes": NO_LIMIT_V1, "memory/memory.usage_in_bytes": "1"}, None),
+        ("0::/\n", {}, None),
+        (None, {"memory.max": "1000", "memory.current": "400"}, 600),
     ],
 )
-def test_cgroup_memory_limits(tmp_path, files, expected):
+def test_cgroup_memory_limits(tmp_path, membership, files, expected):
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_memory_left(tmp_path) == expected
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    membership_file = tmp_path / "membership"
+    if membership is not None:
+        membership_file.write_text(membership)
+    assert cgroup_memory_left(root, membership_file) == expected

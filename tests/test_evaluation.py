@@ -127,7 +127,7 @@ def test_methods_share_one_pass_per_set(tiny_model, sets):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("per_pass", [1, 4])
+@pytest.mark.parametrize("per_pass", [1, 4, np.int64(2)])
 def test_sweep_grouping_keeps_results(tiny_model, sets, per_pass):
     shared = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False))
     reads = [_counting(evaluation_set) for evaluation_set in sets]
@@ -135,10 +135,11 @@ def test_sweep_grouping_keeps_results(tiny_model, sets, per_pass):
         tiny_model, sets, EvaluationSettings(alphas=SWEEP, progress=False, sweep_models_per_pass=per_pass)
     )
     # Six merged models in groups of `per_pass`, after the endpoint pass.
-    assert [count[0] for count in reads] == [1 + -(-6 // per_pass)] * 2
-    grouped["settings"].pop("sweep_models_per_pass")
-    shared["settings"].pop("sweep_models_per_pass")
+    assert [count[0] for count in reads] == [1 + -(-6 // int(per_pass))] * 2
+    assert grouped["settings"].pop("sweep_models_per_pass") == per_pass
+    assert shared["settings"].pop("sweep_models_per_pass") is None
     assert grouped == shared
+    json.dumps(grouped)
 
 
 @torch.no_grad()

@@ -309,27 +309,79 @@ def module_bytes(module: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in (*module.parameters(), *module.buffers()))
 
 
-# Memory limit and usage files of a Linux control group: version 2, then version 1.
-_CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+# Per control-group version: the mount below /sys/fs/cgroup, the limit and usage files, and the memory.stat key
+# of file cache that the kernel reclaims before it stops a process at the limit.
+_CGROUP_VERSIONS = {
+    2: ("", "memory.max", "memory.current", "inactive_file"),
+    1: ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
 
 
-def cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Return the bytes left under this process's control-group memory limit, or `None` without a limit.
-
-    Containers often limit memory below what the host reports as available, and the kernel stops a process that
-    exceeds the limit.
-    """
-    for limit_name, usage_name in _CGROUP_FILES:
-        try:
-            limit = (root / limit_name).read_text().strip()
-            usage = int((root / usage_name).read_text().strip())
-        except (OSError, ValueError):
+def _memory_cgroups(membership: Path) -> list[tuple[int, str]]:
+    """Return the version and path of each memory control group listed in a `/proc/<pid>/cgroup` file."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return [(2, "/"), (1, "/")]
+    groups = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        # Version 2 writes "max" without a limit, and version 1 a number near 2**63.
-        if limit == "max" or int(limit) >= 2**62:
-            return None
-        return max(int(limit) - usage, 0)
-    return None
+        _, controllers, path = parts
+        if controllers == "":
+            groups.append((2, path))
+        elif "memory" in controllers.split(","):
+            groups.append((1, path))
+    return groups
+
+
+def _left_in_group(folder: Path, version: int) -> int | None:
+    """Return the bytes left under the memory limit of one control-group folder, or `None` without a limit."""
+    _, limit_name, usage_name, cache_key = _CGROUP_VERSIONS[version]
+    try:
+        limit = (folder / limit_name).read_text().strip()
+        usage = int((folder / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    # Version 2 writes "max" without a limit, and version 1 a number near 2**63.
+    if limit == "max" or not limit.isdigit() or int(limit) >= 2**62:
+        return None
+    reclaimable = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == cache_key and value.strip().isdigit():
+                reclaimable = int(value)
+    except OSError:
+        pass
+    return max(int(limit) - max(usage - reclaimable, 0), 0)
+
+
+def cgroup_memory_left(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """Return the bytes left under this process's control-group memory limits, or `None` without a limit.
+
+    Containers and service managers often limit memory below what the host reports as available, and the kernel
+    stops a process that exceeds the limit. The process's own group (from `membership`) and each group above it
+    are checked, and the smallest room left counts. Inactive file cache, which the kernel reclaims first, counts
+    as free. Inside a control-group namespace the process's group is the mount point itself.
+    """
+    rooms = []
+    for version, path in _memory_cgroups(membership):
+        mount = root / _CGROUP_VERSIONS[version][0]
+        folder = mount / path.lstrip("/")
+        if not folder.is_dir():
+            folder = mount
+        while True:
+            room = _left_in_group(folder, version)
+            if room is not None:
+                rooms.append(room)
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
+    return min(rooms) if rooms else None
 
 
 def free_memory(device: torch.device | str) -> int | None:
