@@ -213,6 +213,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--sweep-models-per-pass",
         type=int,
+        metavar="N",
         help=(
             "Merged WiSE-FT models held in memory during one pass over a set; further alphas take more passes. "
             "Default: as many as half the device's free memory holds. The results are the same for any value."
