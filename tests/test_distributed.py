@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -196,6 +197,15 @@ def test_failed_collective_raises_rank_lost():
 
     with pytest.raises(RankLostError, match="Rank 0 lost contact .* during the mixture fit: Connection closed by peer"):
         DistributedState()._collective("the mixture fit", closed_connection)
+    # With two processes the message names the other rank.
+    pair = DistributedState(accelerator=SimpleNamespace(process_index=1, num_processes=2))
+    with pytest.raises(RankLostError, match="Rank 1 lost contact with rank 0, the other evaluation process, during"):
+        pair._collective("the mixture fit", closed_connection)
+    with pytest.raises(RankLostError, match=r"by peer\. Rank 0 probably stopped"):
+        pair._collective("the mixture fit", closed_connection)
+    four = DistributedState(accelerator=SimpleNamespace(process_index=2, num_processes=4))
+    with pytest.raises(RankLostError, match="Rank 2 lost contact with the other evaluation processes during"):
+        four._collective("the mixture fit", closed_connection)
 
 
 def _tensor_sets(pixel_values, labels, failing_rank=None):

@@ -138,10 +138,16 @@ class DistributedState:
         try:
             return operation()
         except (RuntimeError, ValueError) as error:
+            if self.world_size == 2:
+                # With two processes the peer that stopped can only be the other one.
+                lost = f"rank {1 - self.rank}, the other evaluation process,"
+                stopped = f"Rank {1 - self.rank} probably stopped"
+            else:
+                lost = "the other evaluation processes"
+                stopped = "Another rank probably stopped"
             raise RankLostError(
-                f"Rank {self.rank} lost contact with the other evaluation processes during {step}: {error}. "
-                "Another rank probably stopped (the launcher's summary names its exit code, and its log the "
-                "cause). No result was written for this run."
+                f"Rank {self.rank} lost contact with {lost} during {step}: {error}. {stopped} (the launcher's "
+                "summary names its exit code, and its log the cause). No result was written for this run."
             ) from error
 
     def check_all_ranks(self, error: BaseException | None, step: str) -> None:
