@@ -19,7 +19,6 @@ from hf_dawin.evaluation import (
     EvaluationSettings,
     evaluate_pair,
     run_method_pass,
-    run_weighted_pass,
     summarize,
     sweep_groups,
 )
@@ -153,9 +152,9 @@ def test_method_pass_equals_separate_passes(tiny_model, sets):
     num_classes = tiny_model.config.num_classes
     shared = run_method_pass(sets[0], expected, "both", methods, num_classes=num_classes, progress=False)
     for name, classify in methods.items():
-        alone = run_weighted_pass(sets[0], expected, name, classify, num_classes=num_classes, progress=False)
-        assert torch.equal(shared[name], alone)
-    with pytest.raises(ValueError, match="'indices' is reserved"):
+        alone = run_method_pass(sets[0], expected, name, {name: classify}, num_classes=num_classes, progress=False)
+        assert torch.equal(shared[name], alone[name])
+    with pytest.raises(ValueError, match="The method name 'indices' is reserved"):
         run_method_pass(sets[0], expected, "bad", {"indices": methods["static"]}, num_classes=num_classes)
 
 

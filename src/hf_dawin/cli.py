@@ -215,7 +215,7 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help=(
-            "Merged WiSE-FT models held in memory during one pass over a set; further alphas take more passes. "
+            "Merged WiSE-FT models held in memory during one pass over a set. Further alphas take more passes. "
             "Default: as many as half the device's free memory holds. The results are the same for any value."
         ),
     )

@@ -53,7 +53,6 @@ __all__ = [
     "evaluate_pair",
     "run_gathered_pass",
     "run_method_pass",
-    "run_weighted_pass",
     "summarize",
 ]
 
@@ -321,7 +320,7 @@ def run_method_pass(
     progress: bool = True,
     state: DistributedState | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read a set once and classify every batch with each of several methods; return their projected logits.
+    """Read a set once, classify every batch with each of several methods, and return their projected logits.
 
     Each method is called as `classify(pixel_values, rows)`, where `rows` are the batch's positions among
     `expected`, the examples of the endpoint pass, so that it can look up per-sample values such as
@@ -343,10 +342,11 @@ def run_method_pass(
         `dict[str, torch.Tensor]`: Per method, logits of shape `(len(expected), num_classes_of_the_set)`.
 
     Raises:
+        ValueError: If a method is named `"indices"`, the key of the examples' positions.
         RuntimeError: If the pass did not return exactly the examples in `expected`.
     """
     if "indices" in methods:
-        raise ValueError("'indices' is reserved for the examples' positions; name the method otherwise.")
+        raise ValueError("The method name 'indices' is reserved for the examples' positions. Choose another name.")
     projection = evaluation_set.projection
 
     def compute(pixel_values, labels, indices):
@@ -360,23 +360,6 @@ def run_method_pass(
     )  # fmt: skip
     ordered = _in_example_order(rows, evaluation_set.name, expected)
     return {name: ordered[name] for name in methods}
-
-
-def run_weighted_pass(
-    evaluation_set: EvaluationSet,
-    expected: torch.Tensor,
-    description: str,
-    classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    num_classes: int,
-    progress: bool = True,
-    state: DistributedState | None = None,
-) -> torch.Tensor:
-    """Run one method over a set: [`run_method_pass`] with `classify` alone; returns its logits in example order."""
-    return run_method_pass(
-        evaluation_set, expected, description, {"logits": classify},
-        num_classes=num_classes, progress=progress, state=state,
-    )["logits"]  # fmt: skip
 
 
 def checked_models_per_pass(value) -> int | None:

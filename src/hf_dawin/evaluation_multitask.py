@@ -252,7 +252,7 @@ def evaluate_multitask(
         if has_experts:
             predictions.method_logits["fine_tuned_expert"] = predictions.fine_tuned_logits[:, names.index(task)]
 
-        # Merged models: one shared pass, each batch read once and classified by every merge.
+        # The merged models share one pass: each batch is read once and classified by every merge.
         static = {
             "weight_average": model.static_coefficients("weight_average"),
             "task_arithmetic": model.static_coefficients("task_arithmetic"),

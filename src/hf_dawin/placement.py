@@ -399,6 +399,7 @@ def free_memory(device: torch.device | str) -> int | None:
         left = cgroup_memory_left()
         return available if left is None else min(available, left)
     if device.type == "cuda" and torch.cuda.is_available():
+        # NOTE: untested, because no GPU was available to run this branch.
         return int(torch.cuda.mem_get_info(device)[0])
     return None
 
