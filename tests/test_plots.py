@@ -187,6 +187,31 @@ def test_write_results_without_shifts(results, tmp_path):
     assert id_only["coefficients"] == results["coefficients"]
 
 
+@pytest.mark.parametrize("failing_step", ["coefficients", "figure"])
+def test_failed_results_write_keeps_earlier_run(results, tmp_path, monkeypatch, failing_step):
+    import hf_dawin.cli
+    import hf_dawin.plots
+
+    output_dir = tmp_path / "results"
+    write_results(json.loads(json.dumps(results)), output_dir)
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
+    changed = json.loads(json.dumps(results))
+    changed["runtime_seconds"] = 12345.0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failing_step == "coefficients":
+        monkeypatch.setattr(hf_dawin.cli.np, "savez", disk_full)
+    else:
+        monkeypatch.setattr(hf_dawin.plots, "plot_coefficient_histograms", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_results(changed, output_dir)
+
+    assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["results"]
+
+
 def _multitask_results(methods):
     tasks = {"digits": 0.5, "fashion": 0.25}
     summary = {}

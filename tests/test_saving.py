@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_dawin import DaWinCLIPModel
+from hf_dawin import saving
 from hf_dawin.saving import pop_push_arguments, save_atomically
 
 
@@ -58,6 +60,62 @@ def test_stale_weight_shards_removed(tmp_path):
     save_atomically(target, lambda folder: (folder / "model.safetensors").write_text("new"))
 
     assert _snapshot(target) == {"model.safetensors": b"new", "README.md": b"old"}
+
+
+@pytest.mark.parametrize(
+    ("failing_move", "moved_file"),
+    [(1, "config.json"), (2, "model.safetensors"), (3, "model-00001-of-00002.safetensors")],
+)
+def test_interrupted_moves_put_previous_files_back(tmp_path, monkeypatch, failing_move, moved_file):
+    target = tmp_path / "out"
+    target.mkdir()
+    for name, text in (("config.json", "old config"), ("model-00001-of-00002.safetensors", "old shard"),
+                       ("model.safetensors.index.json", "old index"), ("README.md", "kept")):
+        (target / name).write_text(text)
+    before = _snapshot(target)
+    calls = []
+    replace = os.replace
+
+    def interrupt(source, destination):
+        calls.append(destination)
+        if len(calls) == failing_move:
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(saving.os, "replace", interrupt)
+
+    def write(folder):
+        (folder / "config.json").write_text("new config")
+        (folder / "model.safetensors").write_text("new weights")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(target, write)
+
+    # Moves 1 and 2 bring in the new files. Move 3 takes away a stale shard.
+    assert Path(calls[failing_move - 1]).name == moved_file
+    assert _snapshot(target) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_staging_inside_unwritable_parent(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    make_folder = saving.tempfile.mkdtemp
+    staging_parents = []
+
+    def parent_not_writable(prefix=None, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(dir))
+        staging_parents.append(Path(dir))
+        return make_folder(prefix=prefix, dir=dir, **kwargs)
+
+    monkeypatch.setattr(saving.tempfile, "mkdtemp", parent_not_writable)
+    save_atomically(target, lambda folder: (folder / "config.json").write_text("new"))
+
+    assert staging_parents and set(staging_parents) == {target}
+    assert _snapshot(target) == {"config.json": b"new"}
+    assert [path.name for path in target.iterdir()] == ["config.json"]
 
 
 def test_file_target_rejected(tmp_path):

@@ -37,7 +37,7 @@ from .distributed import (
 )
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
 from .placement import check_dtype_supported
-from .saving import move_into_place
+from .saving import save_atomically
 from .suites import (
     SUITES,
     ImageNetSuiteSources,
@@ -370,17 +370,25 @@ def _write_plots(results: dict, coefficients: dict, output_dir: Path) -> dict[st
     return paths
 
 
-def remove_stale_figures(output_dir: Path, names: Sequence[str], written: Mapping[str, Path]) -> None:
-    """Delete figures named `names` that an earlier run left in `output_dir` and this run did not write again.
+def write_output_folder(
+    output_dir: Path, write: Callable[[Path], dict[str, Path]], figures: Sequence[str]
+) -> dict[str, Path]:
+    """Write a run's files into `output_dir` as one save: all of them, or, after any failure, none.
 
-    A figure beside a new results.json would otherwise look like part of that run.
+    `write(folder)` writes every file into a staging folder and returns their paths by kind. The files then
+    replace those of an earlier run. The `figures` that this run did not draw are removed, because a figure beside
+    a new results.json would look like part of that run.
+
+    Returns:
+        `dict[str, Path]`: The paths of the written files in `output_dir`.
     """
-    written_names = {Path(path).name for path in written.values()}
-    for name in names:
-        path = output_dir / name
-        if name not in written_names and path.is_file():
-            path.unlink()
-            logger.info("Removed %s, a figure of an earlier run that this run did not draw.", path)
+    staged: dict[str, Path] = {}
+
+    def write_all(folder: Path) -> None:
+        staged.update({kind: Path(path).relative_to(folder) for kind, path in write(folder).items()})
+
+    save_atomically(output_dir, write_all, stale=lambda name: name in figures)
+    return {kind: output_dir / relative for kind, relative in staged.items()}
 
 
 def _report_skipped(results: dict) -> None:
@@ -715,12 +723,10 @@ def _has_class_names(dataset, arguments: EvaluateArguments) -> bool:
     return isinstance(dataset.features.get(arguments.label_column), datasets.ClassLabel)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` as UTF-8, creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-        temporary = Path(handle.name)
-    move_into_place(temporary, path)
+    path.write_text(text, encoding="utf-8")
 
 
 def json_ready(value):
@@ -735,28 +741,31 @@ def json_ready(value):
 
 
 def write_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write results.json, results.md and coefficients.npz into `output_dir`, each atomically.
+    """Write results.json, results.md and coefficients.npz into `output_dir`, together and atomically.
 
-    With `plots`, also write id_vs_ood.png (when there are shifted sets) and coefficients.png.
+    With `plots`, also write id_vs_ood.png (when there are shifted sets) and coefficients.png. An interrupted write
+    leaves the files of an earlier run in `output_dir` as they were.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     coefficients = results.pop("coefficients", {})
-    paths = {
-        "json": output_dir / "results.json",
-        "markdown": output_dir / "results.md",
-        "coefficients": output_dir / "coefficients.npz",
-    }
-    _write_atomically(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
-    _write_atomically(paths["markdown"], summarize(results, markdown=True) + "\n")
-    with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".coefficients.", suffix=".npz", delete=False) as handle:
-        np.savez(handle, **{name: np.asarray(values, dtype=np.float32) for name, values in coefficients.items()})
-        temporary = Path(handle.name)
-    move_into_place(temporary, paths["coefficients"])
-    if plots:
-        paths.update(_write_plots(results, coefficients, output_dir))
-    remove_stale_figures(output_dir, ("id_vs_ood.png", "coefficients.png"), paths)
-    results["coefficients"] = coefficients
-    return paths
+
+    def write(folder: Path) -> dict[str, Path]:
+        paths = {
+            "json": folder / "results.json",
+            "markdown": folder / "results.md",
+            "coefficients": folder / "coefficients.npz",
+        }
+        write_text(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
+        write_text(paths["markdown"], summarize(results, markdown=True) + "\n")
+        arrays = {name: np.asarray(values, dtype=np.float32) for name, values in coefficients.items()}
+        np.savez(paths["coefficients"], **arrays)
+        if plots:
+            paths.update(_write_plots(results, coefficients, folder))
+        return paths
+
+    try:
+        return write_output_folder(output_dir, write, ("id_vs_ood.png", "coefficients.png"))
+    finally:
+        results["coefficients"] = coefficients
 
 
 @contextlib.contextmanager

@@ -600,22 +600,24 @@ def _task_projection(task: str, class_names: list[str], dataset_names: list[str]
 
 
 def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write results.json and results.md into `output_dir`, each atomically (temporary file, then rename).
+    """Write results.json and results.md into `output_dir`, together and atomically.
 
-    With `plots`, also write accuracy.png, the bar chart of `hf_dawin.plots.plot_multitask_accuracy`.
+    With `plots`, also write accuracy.png, the bar chart of `hf_dawin.plots.plot_multitask_accuracy`. An
+    interrupted write leaves the files of an earlier run in `output_dir` as they were.
     """
-    from .cli import _write_atomically, json_ready, remove_stale_figures
+    from .cli import json_ready, write_output_folder, write_text
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    _write_atomically(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
-    _write_atomically(paths["markdown"], summarize_multitask(results, markdown=True) + "\n")
-    if plots:
-        from .plots import plot_multitask_accuracy
+    def write(folder: Path) -> dict[str, Path]:
+        paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
+        write_text(paths["json"], json.dumps(json_ready(results), indent=2, allow_nan=False))
+        write_text(paths["markdown"], summarize_multitask(results, markdown=True) + "\n")
+        if plots:
+            from .plots import plot_multitask_accuracy
 
-        paths["accuracy"] = plot_multitask_accuracy(results, output_dir / "accuracy.png")
-    remove_stale_figures(output_dir, ("accuracy.png",), paths)
-    return paths
+            paths["accuracy"] = plot_multitask_accuracy(results, folder / "accuracy.png")
+        return paths
+
+    return write_output_folder(output_dir, write, ("accuracy.png",))
 
 
 def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:

@@ -182,8 +182,8 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save the config, every endpoint and head (safetensors), and the processor if any.
 
-        The files are written into a staging folder beside `save_directory` and then moved into it, so an
-        interrupted save leaves the files of an earlier save intact.
+        The files are written into a staging folder and then moved into `save_directory`, so an interrupted save
+        leaves the files of an earlier save intact (see `hf_dawin.saving`).
 
         The module files of the model are copied beside the weights and `config.json` gets an `auto_map`, so
         `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
