@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import datasets
 import numpy as np
@@ -155,10 +154,21 @@ def test_empty_saved_dataset_rejected(tmp_path):
         load_evaluation_dataset(tmp_path / "saved")
 
 
+@pytest.mark.parametrize("class_folders", [[], ["zero", "one"]], ids=["no-folders", "empty-class-folders"])
+def test_empty_image_folder_rejected(tmp_path, class_folders):
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in class_folders:
+        (root / name).mkdir()
+
+    with pytest.raises(ValueError, match=f"folder {root} contains no files that datasets can read. It needs images in one"):
+        load_evaluation_dataset(root)
+
+
 def test_missing_label_column_lists_columns(tmp_path):
     _bytes_dataset([_png_bytes(_noise((8, 8), 0))], [0]).save_to_disk(tmp_path / "saved")
 
-    with pytest.raises(ValueError, match=r"no column 'labels' \(label_column\). Its columns are \['image', 'label'\]"):
+    with pytest.raises(ValueError, match=r"saved' has no column 'labels' \(label_column\). Its columns are \['image', 'label'\]"):
         load_evaluation_dataset(tmp_path / "saved", label_column="labels")
 
 

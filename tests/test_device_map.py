@@ -89,10 +89,37 @@ def test_too_small_max_memory_names_sizes(tiny_pair_dirs):
         _pair(tiny_pair_dirs, device_map="auto", max_memory={"cpu": "10KB"})
     message = str(error.value)
     assert "zero-shot endpoint" in message
-    assert "max_memory: cpu: 10KB" in message
+    assert "max_memory: cpu: 9.8 KiB" in message  # 10KB is 10,000 bytes
     size = sum(tensor.numel() * tensor.element_size() for tensor in make_clip(0).state_dict().values())
     assert f"needs {size / 1024:.1f} KiB" in message
     assert "offloaded to disk" in message
+
+
+@pytest.mark.parametrize(
+    ("device_map", "argument"),
+    [
+        ({"zero_shot": "cpu", "fine_tuned": "disk"}, "device_map of the fine-tuned endpoint"),
+        ({"vision_model": "disk", "": "cpu"}, "device_map of the zero-shot endpoint"),
+    ],
+    ids=["endpoint-on-disk", "module-on-disk"],
+)
+def test_disk_in_device_map_rejected(tiny_pair_dirs, device_map, argument):
+    with pytest.raises(ValueError, match=f"{argument} puts weights on 'disk', but DaWin reads every weight"):
+        _pair(tiny_pair_dirs, device_map=device_map)
+
+
+def test_offloaded_list_counts_the_rest(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "dawin")
+
+    # Room for about a third of the model: "auto" then offloads many of its modules one by one.
+    budget = module_bytes(tiny_model) // 3
+    with pytest.raises(ValueError, match="does not fit") as error:
+        DaWinCLIPModel.from_pretrained(tmp_path / "dawin", device_map="auto", max_memory={"cpu": budget})
+
+    message = str(error.value)
+    count = int(message.split(" module(s) offloaded to disk")[0].rsplit(" ", 1)[-1])
+    assert count > 5
+    assert f" and {count - 5} more)" in message
 
 
 def test_endpoints_share_one_max_memory_budget(tiny_pair_dirs):

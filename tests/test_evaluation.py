@@ -443,4 +443,6 @@ def test_cli_string_labels_with_class_names(tiny_pair_dirs, tmp_path, capsys):
     assert results["sets"]["id"]["num_classes"] == len(TINY_CLASS_NAMES)
     unknown = _string_label_dataset(tmp_path / "unknown", 1, ["cat", "zebra"])
     assert main([*common, "--id-dataset", str(unknown), "--output-dir", str(tmp_path / "other")]) == 1
-    assert "labels ['zebra'] in column 'label' are not among the class names" in capsys.readouterr().err
+    assert f"error: --id-dataset {unknown}: Labels ['zebra'] in column 'label' are not among the class names" in (
+        capsys.readouterr().err
+    )

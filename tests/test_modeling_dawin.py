@@ -142,7 +142,7 @@ def test_load_rejects_unknown_mode(tiny_model, tmp_path):
         ({"temperatures": [0, 1]}, "emperature"),
         ({"n_components": 0}, "n_components must be a positive integer, received 0"),
         ({"offset_adjustment": "yes"}, "offset_adjustment must be True or False, received 'yes'"),
-        ({"class_names": ["a", "a", "b", "c"]}, "contains duplicates: \\['a'\\]"),
+        ({"class_names": ["a", "a", "b", "c"]}, "'a' at index 0 and 'a' at index 1"),
         ({"class_names": ["a", "b"]}, "class_names lists 2 classes, but the saved heads have 4"),
     ],
 )
@@ -274,7 +274,12 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
 
 @pytest.mark.parametrize(
     ("class_names", "message"),
-    [([], "class_names is empty"), (["cat", "dog", "cat"], "contains duplicates: \\['cat'\\] \\('cat' at indices \\[0, 2\\]\\)"), (["cat", " "], "non-empty")],
+    [
+        ([], "class_names is empty"),
+        (["cat", "dog", "cat"], "contains duplicates, compared ignoring case and surrounding spaces: 'cat' at index 0 and 'cat' at index 2\\."),
+        (["Cat", "dog", "cat ", "Dog"], "'Cat' at index 0 and 'cat ' at index 2; 'dog' at index 1 and 'Dog' at index 3\\."),
+        (["cat", " "], "non-empty"),
+    ],
 )
 def test_bad_class_names(tiny_endpoints, tiny_processor, class_names, message):
     with pytest.raises(ValueError, match=message):

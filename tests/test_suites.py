@@ -417,7 +417,7 @@ def test_cli_missing_image_column(tiny_pair_dirs, tmp_path, capsys):
 
     error = run_cli_error([*pair_arguments(tiny_pair_dirs), "--id-dataset", str(dataset), "--output-dir", str(tmp_path / "out")], capsys)
 
-    assert "no column 'image' (image_column)" in error
+    assert f"error: --id-dataset {dataset}: The evaluation dataset {str(dataset)!r} has no column 'image' (image_column)" in error
     assert "['img', 'label']" in error
 
 
@@ -469,6 +469,7 @@ def test_cli_integer_labels_in_shift_sets(tiny_pair_dirs, tmp_path, capsys):
     error = run_cli_error([
         *arguments, "--shift-dataset", f"bad={out_of_range}", "--output-dir", str(tmp_path / "out2"),
     ], capsys)  # fmt: skip
+    assert f"error: --shift-dataset bad={out_of_range}: " in error
     assert "outside the valid range [0, 3]: 9" in error
 
 
@@ -509,4 +510,5 @@ def test_cli_integer_labels_out_of_range(suite_root, tiny_pair_dirs, tmp_path, c
         "--output-dir", str(tmp_path / "out"),
     ], capsys)
 
+    assert f"error: --id-dataset {dataset}: " in error
     assert "outside the valid range [0, 3]: 7" in error

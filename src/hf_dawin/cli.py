@@ -623,13 +623,28 @@ def _embedded_benchmark(arguments: EvaluateArguments):
     return model, sets
 
 
+@contextlib.contextmanager
+def errors_naming(option: str):
+    """Prefix a `ValueError` raised inside the block with the command-line option of the dataset it concerns.
+
+    With several `--shift-dataset` options, an error about labels or columns would otherwise not say which set
+    is at fault.
+    """
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from error
+
+
 def _custom_benchmark(arguments: EvaluateArguments):
     from .modeling_dawin import DaWinCLIPModel
 
-    id_dataset = load_evaluation_dataset(
-        arguments.id_dataset, split=arguments.split, image_column=arguments.image_column,
-        label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
-    )
+    id_option = f"--id-dataset {arguments.id_dataset}"
+    with errors_naming(id_option):
+        id_dataset = load_evaluation_dataset(
+            arguments.id_dataset, split=arguments.split, image_column=arguments.image_column,
+            label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
+        )
     if arguments.model:
         model = DaWinCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
         class_names = list(model.config.class_names)
@@ -637,69 +652,72 @@ def _custom_benchmark(arguments: EvaluateArguments):
         if arguments.class_names:
             class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
         else:
-            class_names = label_names(id_dataset, arguments.label_column)
+            with errors_naming(id_option):
+                class_names = label_names(id_dataset, arguments.label_column)
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
-    id_dataset = _string_labels_as_classes(id_dataset, class_names, arguments.label_column, arguments.id_dataset)
-
-    # Each set's labels are matched to the model's classes by name, class index or WordNet id. The shifted sets
-    # are also matched against the ID dataset's own label names.
-    id_names = label_names(id_dataset, arguments.label_column) if _has_class_names(id_dataset, arguments) else None
-    wordnet_ids = model_wordnet_ids(
-        class_names,
-        reference_label_names=id_names,
-        wordnet_ids=read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None,
-    )
-    id_projection = None
-    if id_names is not None:
-        id_projection = in_distribution_projection(class_names, id_names, model_wordnet_ids=wordnet_ids)
     set_options = dict(
         num_model_classes=len(class_names), batch_size=arguments.batch_size, image_column=arguments.image_column,
         label_column=arguments.label_column,
     )
-    id_name = Path(arguments.id_dataset).name or "id"
-    sets = [
-        _with_shards(
-            build_evaluation_set(
-                id_name, id_dataset, model.image_processor, in_distribution=True, projection=id_projection,
-                **set_options,
-            ),
-            id_dataset, model.image_processor, arguments,
+    with errors_naming(id_option):
+        id_dataset = _string_labels_as_classes(id_dataset, class_names, arguments.label_column)
+        # Each set's labels are matched to the model's classes by name, class index or WordNet id. The shifted
+        # sets are also matched against the ID dataset's own label names.
+        id_names = label_names(id_dataset, arguments.label_column) if _has_class_names(id_dataset, arguments) else None
+        wordnet_ids = model_wordnet_ids(
+            class_names,
+            reference_label_names=id_names,
+            wordnet_ids=read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None,
         )
-    ]
-    for entry in arguments.shift_datasets:
-        name, source = entry.split("=", 1)
-        dataset = load_evaluation_dataset(
-            source, split=arguments.split, image_column=arguments.image_column,
-            label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
-        )
-        dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column, source)
-        # Integer labels without class names are the model's class indices, as for the ID set, and
-        # build_evaluation_set rejects values outside 0..num_classes - 1.
-        projection = None
-        if _has_class_names(dataset, arguments):
-            projection = projection_for_dataset(
-                class_names,
-                label_names(dataset, arguments.label_column),
-                reference_label_names=id_names,
-                model_wordnet_ids=wordnet_ids,
-            )
-        sets.append(
+        id_projection = None
+        if id_names is not None:
+            id_projection = in_distribution_projection(class_names, id_names, model_wordnet_ids=wordnet_ids)
+        id_name = Path(arguments.id_dataset).name or "id"
+        sets = [
             _with_shards(
                 build_evaluation_set(
-                    name, dataset, model.image_processor, in_distribution=False, projection=projection, **set_options
+                    id_name, id_dataset, model.image_processor, in_distribution=True, projection=id_projection,
+                    **set_options,
                 ),
-                dataset, model.image_processor, arguments,
+                id_dataset, model.image_processor, arguments,
             )
-        )
+        ]
+    for entry in arguments.shift_datasets:
+        name, source = entry.split("=", 1)
+        with errors_naming(f"--shift-dataset {entry}"):
+            sets.append(_shifted_set(name, source, model, class_names, id_names, wordnet_ids, set_options, arguments))
     return model, sets
 
 
-def _string_labels_as_classes(dataset, class_names: list[str], label_column: str, source: str):
+def _shifted_set(name, source, model, class_names, id_names, wordnet_ids, set_options, arguments) -> EvaluationSet:
+    """Load one `--shift-dataset NAME=SOURCE` and match its labels to the model's classes."""
+    dataset = load_evaluation_dataset(
+        source, split=arguments.split, image_column=arguments.image_column,
+        label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
+    )
+    dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column)
+    # Integer labels without class names are the model's class indices, as for the ID set, and
+    # build_evaluation_set rejects values outside 0..num_classes - 1.
+    projection = None
+    if _has_class_names(dataset, arguments):
+        projection = projection_for_dataset(
+            class_names,
+            label_names(dataset, arguments.label_column),
+            reference_label_names=id_names,
+            model_wordnet_ids=wordnet_ids,
+        )
+    evaluation_set = build_evaluation_set(
+        name, dataset, model.image_processor, in_distribution=False, projection=projection, **set_options
+    )
+    return _with_shards(evaluation_set, dataset, model.image_processor, arguments)
+
+
+def _string_labels_as_classes(dataset, class_names: list[str], label_column: str):
     """Turn a label column of class-name strings into a `ClassLabel` column over `class_names`.
 
     Other label columns are returned unchanged.
@@ -713,7 +731,7 @@ def _string_labels_as_classes(dataset, class_names: list[str], label_column: str
     unknown = sorted(set(dataset.unique(label_column)) - set(class_names))
     if unknown:
         raise ValueError(
-            f"{source}: labels {unknown[:10]} in column {label_column!r} are not among the class names "
+            f"Labels {unknown[:10]} in column {label_column!r} are not among the class names "
             f"{class_names[:10]}{' ...' if len(class_names) > 10 else ''}. Give every label's name in --class-names."
         )
     return dataset.cast_column(label_column, datasets.ClassLabel(names=class_names))

@@ -168,7 +168,14 @@ def _load_local(path: Path, split: str | None, cache_dir: str | None) -> dataset
         return loaded
 
     # Any other directory: `datasets` infers the builder from the files (imagefolder for images).
-    loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+    try:
+        loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+    except datasets.data_files.EmptyDatasetError as error:
+        raise ValueError(
+            f"The evaluation dataset folder {path} contains no files that datasets can read. It needs images in one "
+            "subfolder per class (an imagefolder), data files such as Parquet or CSV, or the output of "
+            "Dataset.save_to_disk. Add the images, or pass another folder."
+        ) from error
     columns = loaded.column_names if isinstance(loaded, datasets.Dataset) else next(iter(loaded.column_names.values()))
     if "label" not in columns and _is_single_class_folder(path):
         # `imagefolder` infers labels only from two or more class folders; one class folder is still a label.
@@ -202,11 +209,12 @@ def _load_from_hub(repo_id: str, split: str | None, cache_dir: str | None) -> da
     return loaded
 
 
-def _check_columns(dataset: datasets.Dataset, image_column: str, label_column: str) -> None:
+def _check_columns(dataset: datasets.Dataset, image_column: str, label_column: str, source=None) -> None:
+    described = "The evaluation dataset" if source is None else f"The evaluation dataset {str(source)!r}"
     for argument, column in (("image_column", image_column), ("label_column", label_column)):
         if column not in dataset.column_names:
             raise ValueError(
-                f"The evaluation dataset has no column {column!r} ({argument}). Its columns are "
+                f"{described} has no column {column!r} ({argument}). Its columns are "
                 f"{dataset.column_names}. Pass {argument}= with the right name (--{argument.replace('_', '-')} on "
                 "the command line)."
             )
@@ -245,7 +253,7 @@ def load_evaluation_dataset(
             nor downloaded. Set `HF_HUB_OFFLINE=1` and `HF_DATASETS_OFFLINE=1` offline, so that a
             Hub miss fails at once instead of after network retries.
         ValueError: If a column is missing (the message lists the columns), the split is ambiguous or
-            unknown, or `max_examples` is not positive.
+            unknown, a local folder contains no readable files, or `max_examples` is not positive.
 
     Example:
         ```python
@@ -266,7 +274,7 @@ def load_evaluation_dataset(
     else:
         dataset = _load_from_hub(source, split, cache_dir)
 
-    _check_columns(dataset, image_column, label_column)
+    _check_columns(dataset, image_column, label_column, source)
     if max_examples is not None and max_examples < len(dataset):
         if seed is not None:
             dataset = dataset.shuffle(seed=seed)

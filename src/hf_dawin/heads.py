@@ -38,7 +38,8 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     """Validate class names and return them as a list.
 
     Raises:
-        ValueError: If the list is empty, contains a non-string or blank entry, or contains duplicates (listed).
+        ValueError: If the list is empty, contains a non-string or blank entry, or contains duplicates (listed),
+            compared ignoring case and surrounding spaces.
         TypeError: If `class_names` is a single string instead of a sequence.
     """
     if isinstance(class_names, str):
@@ -52,16 +53,21 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     invalid = [repr(name) for name in names if not isinstance(name, str) or not name.strip()]
     if invalid:
         raise ValueError(f"class_names must be non-empty strings, received {', '.join(invalid)}.")
+    # The CLIP tokenizer lowercases the prompts, so 'Cat' and 'cat' get the same zero-shot head. Dataset labels
+    # are also matched to class names ignoring case.
     positions: dict[str, list[int]] = {}
     for index, name in enumerate(names):
-        positions.setdefault(name, []).append(index)
-    duplicates = sorted(name for name, indices in positions.items() if len(indices) > 1)
+        positions.setdefault(name.strip().casefold(), []).append(index)
+    duplicates = [indices for indices in positions.values() if len(indices) > 1]
     if duplicates:
-        described = ", ".join(f"{name!r} at indices {positions[name]}" for name in duplicates)
+        described = "; ".join(
+            " and ".join(f"{names[index]!r} at index {index}" for index in indices) for indices in duplicates
+        )
         raise ValueError(
-            f"class_names contains duplicates: {duplicates} ({described}). Each class needs a distinct name, "
-            "because the names label the model's outputs and match dataset labels. Rename one of each pair, for "
-            "example 'sunglass' and 'sunglasses'."
+            f"class_names contains duplicates, compared ignoring case and surrounding spaces: {described}. Each class "
+            "needs a distinct name, because the names build the zero-shot heads (the CLIP tokenizer lowercases them), "
+            "label the model's outputs and match dataset labels. Rename one of each pair, for example 'sunglass' and "
+            "'sunglasses'."
         )
     return names
 

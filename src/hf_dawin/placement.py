@@ -277,7 +277,12 @@ def check_max_memory_devices(max_memory: dict | None, name: str) -> None:
 
 
 def _check_device_available(device, argument: str) -> None:
-    if str(device) in ("cpu", "disk", "meta"):
+    if str(device) == "disk":
+        raise ValueError(
+            f"{argument} puts weights on 'disk', but DaWin reads every weight of every endpoint for each batch, so it "
+            "cannot run weights offloaded to disk. Map those modules to 'cpu' or a GPU."
+        )
+    if str(device) in ("cpu", "meta"):
         return
     try:
         parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -432,20 +437,30 @@ def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | Non
             if key.startswith(prefix) and tensor.device.type != "meta"
         )
         placed[str(device)] = placed.get(str(device), 0) + size
+    from accelerate.utils import convert_file_size_to_int
+
+    # Sizes given as strings ("30MB") are converted to bytes, as transformers converts them before loading, so the
+    # DaWin classes and the Auto classes quote the same value.
     limits = ", ".join(
-        f"{device}: {_format_bytes(limit) if isinstance(limit, int) else limit}"
+        f"{device}: {_format_bytes(convert_file_size_to_int(limit) if isinstance(limit, str) else limit)}"
         for device, limit in sorted((max_memory or {}).items(), key=str)
     ) or "not set"
     in_memory = ", ".join(f"{device}: {_format_bytes(size)}" for device, size in sorted(placed.items())) or "nothing"
-    problem = f"{len(offloaded)} module(s) offloaded to disk ({', '.join(offloaded[:5]) or 'the whole model'})"
+    problem = f"{len(offloaded)} module(s) offloaded to disk ({_first_names(offloaded) or 'the whole model'})"
     if not offloaded:
-        problem = f"{len(on_meta)} tensor(s) left on the meta device ({', '.join(on_meta[:5])})"
+        problem = f"{len(on_meta)} tensor(s) left on the meta device ({_first_names(on_meta)})"
     raise ValueError(
         f"The {name} does not fit in the memory its device map allows: it needs {_format_bytes(total)} but "
         f"{problem}; placed in memory: {in_memory}; max_memory: {limits}. DaWin reads every weight of every "
         "endpoint, so it cannot run from disk. Raise max_memory, add a device, or load in a smaller dtype "
         "(dtype=torch.bfloat16 halves the size)."
     )
+
+
+def _first_names(names: list[str], limit: int = 5) -> str:
+    """Return the first `limit` names joined by commas, followed by the count of the others."""
+    listed = ", ".join(names[:limit])
+    return f"{listed} and {len(names) - limit} more" if len(names) > limit else listed
 
 
 def remaining_memory(max_memory: dict, model: nn.Module) -> dict:

@@ -10,7 +10,6 @@ authenticate them, and unpacked with `dpkg-deb -x`.
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
