@@ -309,6 +309,8 @@ def test_cli_dtype_from_flag_or_accelerate(tiny_pair_dirs, tmp_path, monkeypatch
     settings = json.loads((output_dir / "results.json").read_text())["settings"]
     assert settings["dtype"] == expected
     assert settings["num_processes"] == 1
+    assert settings["max_examples"] is None
+    assert settings["seed"] == 0
 
 
 def test_cli_rejects_fp8_mixed_precision(tiny_pair_dirs, tmp_path, monkeypatch):

@@ -531,6 +531,26 @@ def test_push_results_other_method_drops_stale_metrics(fake_hub, results):
     assert "did not cover" not in card.text
     assert "reports WiSE-FT at alpha = 0.5, the model's static weights." in card.text
     assert "fits the Beta mixture" not in card.text
+    assert {result.metric_name for result in card.data.eval_results} == {"WiSE-FT (alpha=0.5) accuracy"}
+
+
+def test_kept_entries_name_their_method(fake_hub, results):
+    push_results_to_hub("my-org/tiny-dawin", results, method="dawin_sample")
+    only_pets = json.loads(json.dumps(results))
+    del only_pets["sets"]["pets-sketch"]
+    only_pets["out_of_distribution"] = []
+
+    push_results_to_hub("my-org/tiny-dawin", only_pets, method="dawin_mixture")
+
+    card = ModelCard(fake_hub.repos["my-org/tiny-dawin"]["README.md"].decode())
+    names = {(result.dataset_name, result.metric_type): result.metric_name for result in card.data.eval_results}
+    assert names == {
+        ("pets-sketch", "accuracy"): "DaWin (sample) accuracy",
+        ("pets-sketch", "f1"): "DaWin (sample) macro F1",
+        ("pets", "accuracy"): "DaWin (mixture) accuracy",
+        ("pets", "f1"): "DaWin (mixture) macro F1",
+    }
+    assert "entries that hf-dawin wrote name their method in the metric name." in card.text
 
 
 def test_push_results_keeps_model_weights(fake_hub, hub_model, results):
@@ -574,6 +594,20 @@ def test_push_results_creates_card(fake_hub, results):
     ) in card.text
     assert card.data.pipeline_tag == "image-classification"
     assert set(model_index(card)) == {(name, metric) for name in ("pets", "pets-sketch") for metric in ("accuracy", "f1")}
+    assert "--max-examples" not in card.text
+
+
+def test_card_says_when_sets_were_limited(fake_hub, results):
+    limited = json.loads(json.dumps(results))
+    limited["settings"]["max_examples"] = 300
+
+    push_results_to_hub("my-org/new-repo", limited)
+
+    card = ModelCard(fake_hub.repos["my-org/new-repo"]["README.md"].decode())
+    assert (
+        "Each set was limited to at most 300 images (`--max-examples 300`), so the scores are those of that subset, "
+        "not of the full sets."
+    ) in card.text
 
 
 def _image_dataset(path, seed, count=8):

@@ -175,6 +175,7 @@ def test_command_pushes_results(fake_hub, model, tmp_path, capsys):
     status = main_multitask([
         "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}", "--no-ties",
         "--no-progress", "--no-plots", "--output-dir", str(tmp_path / "out"), "--push-results", "my-org/evaluated",
+        "--max-examples", "3",
     ])  # fmt: skip
 
     assert status == 0
@@ -185,6 +186,12 @@ def test_command_pushes_results(fake_hub, model, tmp_path, capsys):
     assert entries[("colours", "f1")] == pytest.approx(written["tasks"]["colours"]["scores"]["dawin_sample"]["f1"])
     assert not (tmp_path / "out" / "accuracy.png").exists()
     assert "Results written into the model card of my-org/evaluated" in capsys.readouterr().out
+    assert written["settings"]["max_examples"] == 3
+    assert written["tasks"]["colours"]["num_examples"] == 3
+    assert "Each set was limited to at most 3 images (`--max-examples 3`)" in card.text
+    assert {result.metric_name for result in card.data.eval_results} == {
+        "DaWin (per sample) accuracy", "DaWin (per sample) macro F1",
+    }
 
 
 def test_command_push_results_offline_fails_before_running(monkeypatch):

@@ -825,10 +825,12 @@ def place_on_process_device(model, state) -> None:
     model.to(state.device)
 
 
-def record_run_settings(results: dict, model, state) -> None:
-    """Add the weights' dtype and the number of processes to `results["settings"]`."""
+def record_run_settings(results: dict, model, state, arguments) -> None:
+    """Add the weights' dtype, the number of processes, `--max-examples` and `--seed` to `results["settings"]`."""
     results["settings"]["dtype"] = str(model.dtype).removeprefix("torch.")
     results["settings"]["num_processes"] = state.world_size
+    results["settings"]["max_examples"] = arguments.max_examples
+    results["settings"]["seed"] = arguments.seed
 
 
 def run_evaluate(arguments: EvaluateArguments) -> dict:
@@ -865,7 +867,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
     results["dataset_sources"] = _dataset_sources(arguments, sets)
-    record_run_settings(results, model, state)
+    record_run_settings(results, model, state, arguments)
     paths = write_results(results, Path(arguments.output_dir), plots=arguments.plots)
 
     print()

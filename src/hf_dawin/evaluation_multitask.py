@@ -648,7 +648,7 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     if not state.is_main_process:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    record_run_settings(results, model, state)
+    record_run_settings(results, model, state, arguments)
     results["dataset_sources"] = _dataset_sources(arguments)
     paths = write_multitask_results(results, Path(arguments.output_dir), plots=arguments.plots)
     print()

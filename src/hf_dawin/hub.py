@@ -255,8 +255,8 @@ def eval_results_from(
     """Turn an evaluation into `huggingface_hub.EvalResult` entries for a card's `model-index`.
 
     Each evaluation set gives one accuracy entry and, when the method has one, a macro-F1 entry, both with task
-    `image-classification`. The dataset type is the set's Hub id when `results["dataset_sources"]` records one,
-    else the set name.
+    `image-classification` and a metric name that names the method, for example "DaWin (sample) accuracy". The
+    dataset type is the set's Hub id when `results["dataset_sources"]` records one, else the set name.
 
     Args:
         results (`Mapping`): Output of `hf_dawin.evaluation.evaluate_pair`.
@@ -284,9 +284,10 @@ def eval_results_from(
                 f"{static_alpha:g}. Evaluate again with {static_alpha:g} among the alphas (EvaluationSettings.alphas, "
                 "or --alphas on the command line)."
             )
+        label = f"WiSE-FT (alpha={static_alpha:g})"
         for name in sets:
             accuracy = results["wise_ft_sweep"]["accuracy"][name][matches[0]]
-            entries.append(_eval_result(name, sources, "accuracy", accuracy, "Accuracy"))
+            entries.append(_eval_result(name, sources, "accuracy", accuracy, f"{label} accuracy"))
         return entries
 
     for name, entry in sets.items():
@@ -295,9 +296,10 @@ def eval_results_from(
                 f"Set '{name}' has no scores for method {method!r}. Its methods are {sorted(entry['scores'])}."
             )
         scores = entry["scores"][method]
-        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], "Accuracy"))
+        label = METHOD_LABELS.get(method, method)
+        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], f"{label} accuracy"))
         if "f1" in scores:
-            entries.append(_eval_result(name, sources, "f1", scores["f1"], "Macro F1", {"average": "macro"}))
+            entries.append(_eval_result(name, sources, "f1", scores["f1"], f"{label} macro F1", {"average": "macro"}))
     return entries
 
 
@@ -326,7 +328,19 @@ def _evaluation_settings_sentence(settings: Mapping) -> str:
         parts.append(f"{settings['n_components']} Beta mixture components")
     if settings.get("dtype") and settings["dtype"] != "float32":
         parts.append(f"endpoint weights in {settings['dtype']}")
-    return f"Evaluation settings: {', '.join(parts)}." if parts else ""
+    sentence = f"Evaluation settings: {', '.join(parts)}." if parts else ""
+    return " ".join(part for part in (sentence, _subset_sentence(settings)) if part)
+
+
+def _subset_sentence(settings: Mapping) -> str:
+    """Return the sentence that an evaluation used at most `--max-examples` images per set, or "" for full sets."""
+    limit = settings.get("max_examples")
+    if not limit:
+        return ""
+    return (
+        f"Each set was limited to at most {limit} images (`--max-examples {limit}`), so the scores are those of that "
+        "subset, not of the full sets."
+    )
 
 
 def _reported_method_sentence(results: Mapping, method: str | None, static_alpha: float | None) -> str:
@@ -523,7 +537,8 @@ def replace_card_results(
         other_datasets = ", ".join(f"`{name}`" for name in dataset_names)
         note = (
             f"\nThe `model-index` metadata also keeps entries for datasets that this evaluation did not cover: "
-            f"{other_datasets}. They come from an earlier evaluation or were written by hand.\n"
+            f"{other_datasets}. They come from an earlier evaluation or were written by hand; entries that "
+            "hf-dawin wrote name their method in the metric name.\n"
         )
         end = section.rfind(RESULTS_END_MARKER)
         section = section[:end] + note + section[end:]

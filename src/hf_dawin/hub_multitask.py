@@ -26,6 +26,7 @@ from .hub import (
     _default_model_name,
     _describe_source,
     _hub_repo_id,
+    _subset_sentence,
     _markdown_table,
     _render,
     check_card_kind,
@@ -177,7 +178,9 @@ def multitask_eval_results(results: Mapping, method: str) -> list[EvalResult]:
     for task, entry in results["tasks"].items():
         scores = entry["scores"][method]
         dataset_type = _hub_repo_id(sources.get(task), require_namespace=False) or task
-        for metric_type, metric_name, metric_args in (("accuracy", "Accuracy", None), ("f1", "Macro F1", {"average": "macro"})):
+        label = results.get("method_labels", {}).get(method, method)
+        metrics = (("accuracy", f"{label} accuracy", None), ("f1", f"{label} macro F1", {"average": "macro"}))
+        for metric_type, metric_name, metric_args in metrics:
             if metric_type in scores:
                 entries.append(
                     EvalResult(
@@ -208,14 +211,14 @@ def _results_section(results: Mapping | None, method: str, repo_id: str | None) 
             for task, entry in results["tasks"].items()
         ]
         label = results["method_labels"].get(method, method)
-        body = "\n\n".join(
-            [
-                _markdown_table(("Task", "Images", "Skipped (unreadable)", "Classes"), rows),
-                "Accuracy (%) of DaWin, the individual endpoints and static merges, per task and averaged over tasks:",
-                summarize_multitask(dict(results), markdown=True),
-                f"The `model-index` metadata of this card reports {label}.",
-            ]
-        )
+        paragraphs = [
+            _markdown_table(("Task", "Images", "Skipped (unreadable)", "Classes"), rows),
+            _subset_sentence(results.get("settings") or {}),
+            "Accuracy (%) of DaWin, the individual endpoints and static merges, per task and averaged over tasks:",
+            summarize_multitask(dict(results), markdown=True),
+            f"The `model-index` metadata of this card reports {label}.",
+        ]
+        body = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
     return f"{RESULTS_START_MARKER}\n{body}\n{RESULTS_END_MARKER}"
 
 
