@@ -14,9 +14,10 @@ from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_cl
 
 
 # bfloat16 keeps 8 significant bits, so each logit carries a relative error of a few 2^-8 after a few layers.
-# The coefficient is sigmoid(H_0 - H_1), whose slope is at most 1/4, so an entropy error of 0.04 nats moves it
-# by at most 0.01.
-COEFFICIENT_TOLERANCE = 0.01
+# The coefficient is sigmoid(H_0 - H_1), whose slope is at most 1/4, so an entropy error of 0.08 nats moves it
+# by at most 0.02. On all 51,797 test images of the embedded benchmark (docs/embedded_results.md) the largest
+# difference measured was 0.0151 and the mean 0.002; tests/benchmarks/test_reference_pair.py checks real images.
+COEFFICIENT_TOLERANCE = 0.02
 RELATIVE_LOGIT_TOLERANCE = 0.05
 
 

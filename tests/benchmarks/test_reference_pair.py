@@ -195,14 +195,50 @@ def test_rejects_wrong_config_type(tmp_path):
         train_reference_pair(tmp_path / "pair", config={"zero_shot_steps": 1}, progress=False)
 
 
-@pytest.mark.slow
-def test_default_pair_shows_robust_fine_tuning_pattern(tmp_path):
+@pytest.fixture(scope="module")
+def default_pair(tmp_path_factory):
     # One thread: two threads on two shared cores can run many times slower.
-    pair = train_reference_pair(tmp_path / "pair", seed=0, config=ReferencePairSettings(num_threads=1), progress=False)
-    zero_shot = pair.manifest["accuracy"]["zero_shot"]
-    fine_tuned = pair.manifest["accuracy"]["fine_tuned"]
+    return train_reference_pair(
+        tmp_path_factory.mktemp("pairs") / "default", seed=0, config=ReferencePairSettings(num_threads=1), progress=False
+    )
+
+
+@pytest.mark.slow
+def test_default_pair_shows_robust_fine_tuning_pattern(default_pair):
+    zero_shot = default_pair.manifest["accuracy"]["zero_shot"]
+    fine_tuned = default_pair.manifest["accuracy"]["fine_tuned"]
     # Fine-tuning gains in distribution ...
     assert fine_tuned["mnist"] > zero_shot["mnist"] + 0.01
     # ... and loses under most distribution shifts.
     losses = [name for name in SHIFT_SET_NAMES if zero_shot[name] > fine_tuned[name]]
     assert len(losses) >= 3, (zero_shot, fine_tuned)
+
+
+@pytest.mark.slow
+def test_default_pair_bf16_coefficients_match_float32(default_pair):
+    from hf_dawin import DaWinCLIPModel
+    from hf_dawin.benchmarks.mnist import load_mnist
+    from hf_dawin.benchmarks.shifts import shift_suite_arrays
+
+    from ..test_precision import COEFFICIENT_TOLERANCE
+
+    models = {
+        dtype: DaWinCLIPModel.from_pretrained_pair(
+            default_pair.zero_shot_dir, default_pair.fine_tuned_dir, class_names=list(DIGIT_CLASS_NAMES),
+            templates=list(DIGIT_TEMPLATES), dtype=dtype,
+        )
+        for dtype in (torch.float32, torch.bfloat16)
+    }  # fmt: skip
+    images, labels = load_mnist()["test"]
+    differences = {}
+    for name, (set_images, _) in shift_suite_arrays(images, labels, max_examples=500).items():
+        pixel_values = rgb_uint8_to_pixel_values(set_images)
+        with torch.inference_mode():
+            coefficients = {
+                dtype: model(pixel_values=pixel_values, mode="output_ensemble").coefficients
+                for dtype, model in models.items()
+            }
+        assert coefficients[torch.bfloat16].dtype == torch.float32
+        differences[name] = (coefficients[torch.float32] - coefficients[torch.bfloat16]).abs().max().item()
+
+    assert max(differences.values()) <= COEFFICIENT_TOLERANCE, differences
