@@ -18,8 +18,11 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets.naming import camelcase_to_snakecase
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.utils import logging
+
+from .hub_access import check_hub_reachable
 
 
 logger = logging.get_logger(__name__)
@@ -194,7 +197,18 @@ def _has_no_data_files(path: Path) -> bool:
     return isinstance(state, dict) and state.get("_data_files") == []
 
 
+def _in_datasets_cache(repo_id: str, cache_dir: str | None) -> bool:
+    """Return whether `datasets` has prepared this Hub dataset before, which it loads from cache when offline."""
+    parts = repo_id.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join(parts)
+    return any(path.is_dir() for path in root.glob("*/*/*"))
+
+
 def _load_from_hub(repo_id: str, split: str | None, cache_dir: str | None) -> datasets.Dataset:
+    # datasets has its own offline switch (HF_DATASETS_OFFLINE) and loads a prepared dataset from its cache.
+    if not datasets.config.HF_HUB_OFFLINE and not _in_datasets_cache(repo_id, cache_dir):
+        check_hub_reachable(repo_id, repo_type="dataset")
     try:
         loaded = datasets.load_dataset(repo_id, split=split, cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError) as error:

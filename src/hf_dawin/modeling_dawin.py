@@ -34,6 +34,7 @@ from .coefficients import (
 )
 from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
 from .heads import build_zero_shot_head, check_class_names, linear_head_from
+from .hub_access import check_hub_reachable
 from .interpolation import (
     build_merged_module,
     build_mixed_module,
@@ -507,6 +508,11 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             modules=("zero_shot", "fine_tuned", "zero_shot_head", "fine_tuned_head"),
         )  # fmt: skip
         check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
+        check_hub_reachable(
+            pretrained_model_name_or_path,
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False),
+        )
         try:
             cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
             if "class_names" in kwargs:
@@ -948,6 +954,11 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
     if isinstance(endpoint, (str, Path)):
         check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
+        check_hub_reachable(
+            endpoint,
+            cache_dir=load_kwargs.get("cache_dir"),
+            local_files_only=load_kwargs.get("local_files_only", False),
+        )
         try:
             model_type = _saved_config_dict(endpoint, load_kwargs).get("model_type")
             _check_clip_model_type(endpoint, name, model_type)

@@ -36,6 +36,7 @@ from .configuration_multitask import (
     check_task,
 )
 from .heads import build_zero_shot_head
+from .hub_access import check_hub_reachable
 from .interpolation import (
     MixingState,
     build_mixed_module,
@@ -439,6 +440,11 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load a saved multi-task DaWin model and, when present beside it, its processor."""
         check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
+        check_hub_reachable(
+            pretrained_model_name_or_path,
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False),
+        )
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
         check_max_memory_devices(kwargs.get("max_memory"), "multi-task DaWin model")
