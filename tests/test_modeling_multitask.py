@@ -496,6 +496,15 @@ def test_single_endpoint_not_in_list_rejected(tiny_processor):
         )
 
 
+@pytest.mark.parametrize("templates", [None, {"animals": ["a photo of a {}."]}])
+def test_empty_tasks_rejected_first(tiny_processor, templates):
+    pretrained = make_clip(0)
+    with pytest.raises(ValueError, match=r"^tasks is empty\. Pass the class names of each task"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [make_clip(1, base=pretrained)], tasks={}, templates=templates, processor=tiny_processor
+        )
+
+
 def test_tasks_not_mapping_rejected(tiny_processor):
     pretrained = make_clip(0)
     with pytest.raises(TypeError, match="tasks must map each task name to its class names"):

@@ -345,6 +345,11 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
                 "Multi-task DaWin needs at least one fine-tuned endpoint, received an empty list. Pass the "
                 "fine-tuned CLIP checkpoints as fine_tuned=[...]."
             )
+        if isinstance(tasks, Mapping) and not tasks:
+            raise ValueError(
+                "tasks is empty. Pass the class names of each task the fine-tuned endpoints were trained for, for "
+                "example tasks={'mnist': ['zero', 'one', ...]}."
+            )
         # Validate the cheap settings before loading any weights.
         config_check = DaWinMultiTaskCLIPConfig(
             tasks=tasks, mode=mode, scale=scale, default_task=default_task, num_fine_tuned=len(fine_tuned),
