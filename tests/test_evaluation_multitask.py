@@ -257,6 +257,32 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
     assert results["fine_tuned_names"] == ["fine_tuned_1", "fine_tuned_2"]
 
 
+def test_command_errors_name_the_task_dataset(tmp_path, tiny_pair_dirs, capsys):
+    pretrained_dir, fine_tuned_dir = tiny_pair_dirs
+    save_image_dataset(tmp_path / "pets", ["cat", "dog"], 4, seed=2)
+    save_image_dataset(tmp_path / "cased", ["Cat", "cat", "dog"], 4, seed=3)
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0]}).save_to_disk(str(tmp_path / "ints"))
+    common = [
+        "evaluate-multitask", "--pretrained", str(pretrained_dir), "--fine-tuned", str(fine_tuned_dir),
+        "--fine-tuned", str(fine_tuned_dir), "--task-dataset", f"pets={tmp_path / 'pets'}", "--no-progress",
+        "--output-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+    for entry, expected in (
+        (f"cased={tmp_path / 'cased'}", "class_names contains duplicates, compared ignoring case and whitespace"),
+        (f"ints={tmp_path / 'ints'}", "Column 'label' is Value("),
+        (f"gone={tmp_path / 'gone'}", "Evaluation dataset directory"),
+    ):
+        capsys.readouterr()
+        assert main([*common, "--task-dataset", entry]) == 1
+        error = capsys.readouterr().err
+        assert f"hf-dawin evaluate-multitask: error: --task-dataset {entry}: {expected}" in error
+        assert "--class-names" not in error
+        if entry.startswith("ints="):
+            assert "ClassLabel(names=[...])), or save the images in one folder per class." in error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

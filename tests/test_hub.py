@@ -550,7 +550,7 @@ def test_kept_entries_name_their_method(fake_hub, results):
         ("pets", "accuracy"): "DaWin (mixture) accuracy",
         ("pets", "f1"): "DaWin (mixture) macro F1",
     }
-    assert "entries that hf-dawin wrote name their method in the metric name." in card.text
+    assert "Entries that hf-dawin wrote name their method in the metric name, and those of a run limited" in card.text
 
 
 def test_push_results_keeps_model_weights(fake_hub, hub_model, results):
@@ -599,7 +599,7 @@ def test_push_results_creates_card(fake_hub, results):
 
 def test_card_says_when_sets_were_limited(fake_hub, results):
     limited = json.loads(json.dumps(results))
-    limited["settings"]["max_examples"] = 300
+    limited["settings"].update(max_examples=300, seed=0)
 
     push_results_to_hub("my-org/new-repo", limited)
 
@@ -608,6 +608,24 @@ def test_card_says_when_sets_were_limited(fake_hub, results):
         "Each set was limited to at most 300 images (`--max-examples 300`), so the scores are those of that subset, "
         "not of the full sets."
     ) in card.text
+    assert {str(result.dataset_args) for result in card.data.eval_results} == {str({"max_examples": 300, "seed": 0})}
+
+
+def test_limit_stays_with_kept_entries(fake_hub, results):
+    limited = json.loads(json.dumps(results))
+    limited["settings"].update(max_examples=10, seed=0)
+    push_results_to_hub("my-org/tiny-dawin", limited, method="dawin_sample")
+    only_pets = json.loads(json.dumps(results))
+    del only_pets["sets"]["pets-sketch"]
+    only_pets["out_of_distribution"] = []
+
+    push_results_to_hub("my-org/tiny-dawin", only_pets, method="dawin_mixture")
+
+    card = ModelCard(fake_hub.repos["my-org/tiny-dawin"]["README.md"].decode())
+    arguments = {result.dataset_name: result.dataset_args for result in card.data.eval_results}
+    assert arguments == {"pets-sketch": {"max_examples": 10, "seed": 0}, "pets": None}
+    assert "--max-examples 10" not in card.text
+    assert "carry the limit in their `dataset_args`." in card.text
 
 
 def _image_dataset(path, seed, count=8):

@@ -189,6 +189,7 @@ def test_command_pushes_results(fake_hub, model, tmp_path, capsys):
     assert written["settings"]["max_examples"] == 3
     assert written["tasks"]["colours"]["num_examples"] == 3
     assert "Each set was limited to at most 3 images (`--max-examples 3`)" in card.text
+    assert [result.dataset_args for result in card.data.eval_results] == [{"max_examples": 3, "seed": 0}] * 2
     assert {result.metric_name for result in card.data.eval_results} == {
         "DaWin (per sample) accuracy", "DaWin (per sample) macro F1",
     }

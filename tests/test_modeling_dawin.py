@@ -276,8 +276,9 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
     ("class_names", "message"),
     [
         ([], "class_names is empty"),
-        (["cat", "dog", "cat"], "contains duplicates, compared ignoring case and surrounding spaces: 'cat' at index 0 and 'cat' at index 2\\."),
+        (["cat", "dog", "cat"], "contains duplicates, compared ignoring case and whitespace: 'cat' at index 0 and 'cat' at index 2\\."),
         (["Cat", "dog", "cat ", "Dog"], "'Cat' at index 0 and 'cat ' at index 2; 'dog' at index 1 and 'Dog' at index 3\\."),
+        (["ice cream", "ice  cream", "ice\tcream"], r"'ice cream' at index 0 and 'ice  cream' at index 1 and 'ice\\tcream' at index 2\."),
         (["cat", " "], "non-empty"),
     ],
 )

@@ -505,6 +505,15 @@ def test_empty_tasks_rejected_first(tiny_processor, templates):
         )
 
 
+def test_duplicate_class_names_name_the_task(tiny_processor):
+    pretrained = make_clip(0)
+    with pytest.raises(ValueError, match=r"^Task 'vehicles': class_names contains duplicates.*'car' at index 0 and 'Car '"):
+        DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+            pretrained, [make_clip(1, base=pretrained)], tasks={**TASKS, "vehicles": ["car", "Car "]},
+            processor=tiny_processor,
+        )
+
+
 def test_tasks_not_mapping_rejected(tiny_processor):
     pretrained = make_clip(0)
     with pytest.raises(TypeError, match="tasks must map each task name to its class names"):

@@ -421,6 +421,27 @@ def test_cli_missing_image_column(tiny_pair_dirs, tmp_path, capsys):
     assert "['img', 'label']" in error
 
 
+def test_cli_errors_name_their_option(tiny_pair_dirs, tmp_path, capsys):
+    id_dataset = saved_dataset(tmp_path / "id", NAMES, [0, 1, 2, 3])
+    missing = tmp_path / "missing"
+    names = tmp_path / "names.txt"
+    names.write_text("Tench\ngoldfish\ntench\ntiger shark\n")
+
+    error = run_cli_error([
+        *pair_arguments(tiny_pair_dirs), "--id-dataset", str(id_dataset), "--shift-dataset", f"gone={missing}",
+        "--output-dir", str(tmp_path / "out"),
+    ], capsys)  # fmt: skip
+    assert f"error: --shift-dataset gone={missing}: Evaluation dataset directory '{missing}' does not exist." in error
+
+    error = run_cli_error([
+        *pair_arguments(tiny_pair_dirs), "--id-dataset", str(id_dataset), "--class-names", str(names),
+        "--output-dir", str(tmp_path / "out"),
+    ], capsys)  # fmt: skip
+    assert f"error: --class-names {names}: class_names contains duplicates" in error
+    assert "'Tench' at index 0 and 'tench' at index 2." in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_missing_label_column(tiny_pair_dirs, tmp_path, capsys):
     dataset = saved_dataset(tmp_path / "photos", NAMES, [0, 1, 2, 3])
 

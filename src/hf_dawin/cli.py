@@ -36,6 +36,7 @@ from .distributed import (
     is_main_launch_process,
 )
 from .evaluation import DEFAULT_ALPHAS, EvaluationSet, EvaluationSettings, evaluate_pair, summarize
+from .heads import check_class_names
 from .placement import check_dtype_supported
 from .saving import save_atomically
 from .suites import (
@@ -625,15 +626,20 @@ def _embedded_benchmark(arguments: EvaluateArguments):
 
 @contextlib.contextmanager
 def errors_naming(option: str):
-    """Prefix a `ValueError` raised inside the block with the command-line option of the dataset it concerns.
+    """Prefix a `ValueError` or `OSError` raised inside the block with the command-line option it concerns.
 
-    With several `--shift-dataset` options, an error about labels or columns would otherwise not say which set
-    is at fault.
+    With several `--shift-dataset` options, an error about a missing folder, labels or columns would otherwise not
+    say which set is at fault. The error keeps its type where the type takes a message alone.
     """
     try:
         yield
-    except ValueError as error:
-        raise ValueError(f"{option}: {error}") from error
+    except (ValueError, OSError) as error:
+        message = f"{option}: {error}"
+        try:
+            renamed = type(error)(message)
+        except TypeError:
+            renamed = (ValueError if isinstance(error, ValueError) else OSError)(message)
+        raise renamed from error
 
 
 def _custom_benchmark(arguments: EvaluateArguments):
@@ -651,9 +657,13 @@ def _custom_benchmark(arguments: EvaluateArguments):
     else:
         if arguments.class_names:
             class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
+            names_option = f"--class-names {arguments.class_names}"
         else:
             with errors_naming(id_option):
                 class_names = label_names(id_dataset, arguments.label_column)
+            names_option = id_option
+        with errors_naming(names_option):
+            check_class_names(class_names)
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),

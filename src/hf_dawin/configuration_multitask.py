@@ -71,7 +71,10 @@ def _check_tasks(tasks: Mapping[str, object]) -> dict[str, list[str]]:
     for name, class_names in tasks.items():
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"Task names must be non-empty strings, received {name!r}.")
-        checked[name] = check_class_names(class_names)
+        try:
+            checked[name] = check_class_names(class_names)
+        except ValueError as error:
+            raise ValueError(f"Task {name!r}: {error}") from error
     return checked
 
 

@@ -215,7 +215,7 @@ def _load_from_hub(repo_id: str, split: str | None, cache_dir: str | None) -> da
         offline = " (offline mode is on)" if datasets.config.HF_HUB_OFFLINE else ""
         raise FileNotFoundError(
             f"Evaluation dataset {repo_id!r} is not a local directory and could not be loaded from the "
-            f"Hugging Face Hub{offline}: {error}. Pass the path of an image folder or a save_to_disk "
+            f"Hugging Face Hub{offline}: {str(error).rstrip('.')}. Pass the path of an image folder or a save_to_disk "
             "directory, or load the Hub dataset once with network access so that it is cached."
         ) from error
     if isinstance(loaded, datasets.DatasetDict):
@@ -297,8 +297,18 @@ def load_evaluation_dataset(
     return dataset
 
 
-def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
+def label_names(
+    dataset: datasets.Dataset,
+    label_column: str = "label",
+    *,
+    alternative: str = " or pass the class names yourself (--class-names FILE on the command line)",
+) -> list[str]:
     """Return the class names of a `ClassLabel` column, in label order.
+
+    Args:
+        dataset: The evaluation dataset.
+        label_column: The label column.
+        alternative: The end of the error's advice, after the cast: another way to give class names, or "".
 
     Raises:
         ValueError: If the column is missing or is not a `ClassLabel`.
@@ -309,8 +319,7 @@ def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[
     if not isinstance(feature, datasets.ClassLabel):
         raise ValueError(
             f"Column {label_column!r} is {feature!r}, not a ClassLabel, so it has no class names. Cast it with "
-            "dataset.cast_column(label_column, datasets.ClassLabel(names=[...])) or pass the class names yourself "
-            "(--class-names FILE on the command line)."
+            f"dataset.cast_column(label_column, datasets.ClassLabel(names=[...])){alternative}."
         )
     return list(feature.names)
 

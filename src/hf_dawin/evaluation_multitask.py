@@ -534,23 +534,34 @@ def _merge_overrides(arguments: MultiTaskEvaluateArguments) -> dict:
 
 
 def _custom_model(arguments: MultiTaskEvaluateArguments):
+    from .cli import errors_naming
     from .datasets_io import iter_image_batches, label_names, load_evaluation_dataset
     from .distributed import dataset_shard_batches
+    from .heads import check_class_names
 
-    datasets_by_task = {}
+    # A multi-task dataset's class names come from its ClassLabel column only.
+    def names_of(dataset):
+        return label_names(dataset, arguments.label_column, alternative=", or save the images in one folder per class")
+
+    datasets_by_task, options = {}, {}
     for entry in arguments.task_datasets:
         task, source = entry.split("=", 1)
-        datasets_by_task[task] = load_evaluation_dataset(
-            source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
-            max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
-        )  # fmt: skip
+        options[task] = f"--task-dataset {entry}"
+        with errors_naming(options[task]):
+            datasets_by_task[task] = load_evaluation_dataset(
+                source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
+                max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
+            )  # fmt: skip
+            dataset_names = names_of(datasets_by_task[task])
+            if not arguments.model:
+                check_class_names(dataset_names)
 
     if arguments.model:
         model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
-        tasks = {task: label_names(dataset, arguments.label_column) for task, dataset in datasets_by_task.items()}
+        tasks = {task: names_of(dataset) for task, dataset in datasets_by_task.items()}
         model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             arguments.pretrained, arguments.fine_tuned, tasks=tasks, templates=arguments.templates,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **_merge_overrides(arguments),
@@ -568,8 +579,9 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     sets = {}
     for task, dataset in datasets_by_task.items():
         class_names = model.config.tasks[model.resolve_task(task)]
-        dataset_names = label_names(dataset, arguments.label_column)
-        projection = None if dataset_names == class_names else _task_projection(task, class_names, dataset_names)
+        dataset_names = names_of(dataset)
+        with errors_naming(options[task]):
+            projection = None if dataset_names == class_names else _task_projection(task, class_names, dataset_names)
 
         def make_batches(subset):
             return iter_image_batches(

@@ -39,7 +39,7 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
 
     Raises:
         ValueError: If the list is empty, contains a non-string or blank entry, or contains duplicates (listed),
-            compared ignoring case and surrounding spaces.
+            compared ignoring case and whitespace as the CLIP tokenizer does.
         TypeError: If `class_names` is a single string instead of a sequence.
     """
     if isinstance(class_names, str):
@@ -53,19 +53,20 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     invalid = [repr(name) for name in names if not isinstance(name, str) or not name.strip()]
     if invalid:
         raise ValueError(f"class_names must be non-empty strings, received {', '.join(invalid)}.")
-    # The CLIP tokenizer lowercases the prompts, so 'Cat' and 'cat' get the same zero-shot head. Dataset labels
-    # are also matched to class names ignoring case.
+    # The CLIP tokenizer lowercases the prompts and collapses runs of whitespace, so 'Ice cream' and 'ice  cream'
+    # get the same zero-shot head. Dataset labels are also matched to class names ignoring case.
     positions: dict[str, list[int]] = {}
     for index, name in enumerate(names):
-        positions.setdefault(name.strip().casefold(), []).append(index)
+        positions.setdefault(" ".join(name.lower().split()), []).append(index)
     duplicates = [indices for indices in positions.values() if len(indices) > 1]
     if duplicates:
         described = "; ".join(
             " and ".join(f"{names[index]!r} at index {index}" for index in indices) for indices in duplicates
         )
         raise ValueError(
-            f"class_names contains duplicates, compared ignoring case and surrounding spaces: {described}. Each class "
-            "needs a distinct name, because the names build the zero-shot heads (the CLIP tokenizer lowercases them), "
+            f"class_names contains duplicates, compared ignoring case and whitespace: {described}. Each class needs a "
+            "distinct name, because the names build the zero-shot heads (the CLIP tokenizer lowercases them and "
+            "collapses whitespace), "
             "label the model's outputs and match dataset labels. Rename one of each pair, for example 'sunglass' and "
             "'sunglasses'."
         )

@@ -272,6 +272,7 @@ def eval_results_from(
     """
     sets = results["sets"]
     sources = results.get("dataset_sources") or {}
+    dataset_args = subset_dataset_args(results.get("settings") or {})
     entries = []
     if method is None:
         if static_alpha is None:
@@ -287,7 +288,7 @@ def eval_results_from(
         label = f"WiSE-FT (alpha={static_alpha:g})"
         for name in sets:
             accuracy = results["wise_ft_sweep"]["accuracy"][name][matches[0]]
-            entries.append(_eval_result(name, sources, "accuracy", accuracy, f"{label} accuracy"))
+            entries.append(_eval_result(name, sources, "accuracy", accuracy, f"{label} accuracy", dataset_args))
         return entries
 
     for name, entry in sets.items():
@@ -297,18 +298,30 @@ def eval_results_from(
             )
         scores = entry["scores"][method]
         label = METHOD_LABELS.get(method, method)
-        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], f"{label} accuracy"))
+        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], f"{label} accuracy", dataset_args))
         if "f1" in scores:
-            entries.append(_eval_result(name, sources, "f1", scores["f1"], f"{label} macro F1", {"average": "macro"}))
+            f1 = scores["f1"]
+            entries.append(_eval_result(name, sources, "f1", f1, f"{label} macro F1", dataset_args, {"average": "macro"}))
     return entries
 
 
-def _eval_result(name, sources, metric_type, value, metric_name, metric_args=None) -> EvalResult:
+def subset_dataset_args(settings: Mapping) -> dict | None:
+    """Return the `dataset_args` of a `model-index` entry of a run limited by `--max-examples`, else None.
+
+    The limit stays with each entry, so a card that keeps the entry after a later evaluation still shows it.
+    """
+    if not settings.get("max_examples"):
+        return None
+    return {"max_examples": settings["max_examples"], "seed": settings.get("seed")}
+
+
+def _eval_result(name, sources, metric_type, value, metric_name, dataset_args=None, metric_args=None) -> EvalResult:
     return EvalResult(
         task_type="image-classification",
         task_name="Image Classification",
         dataset_type=_hub_repo_id(sources.get(name), require_namespace=False) or name,
         dataset_name=name,
+        dataset_args=dataset_args,
         metric_type=metric_type,
         metric_name=metric_name,
         metric_value=float(value),
@@ -537,8 +550,9 @@ def replace_card_results(
         other_datasets = ", ".join(f"`{name}`" for name in dataset_names)
         note = (
             f"\nThe `model-index` metadata also keeps entries for datasets that this evaluation did not cover: "
-            f"{other_datasets}. They come from an earlier evaluation or were written by hand; entries that "
-            "hf-dawin wrote name their method in the metric name.\n"
+            f"{other_datasets}. They come from an earlier evaluation or were written by hand. Entries that "
+            "hf-dawin wrote name their method in the metric name, and those of a run limited with `--max-examples` "
+            "carry the limit in their `dataset_args`.\n"
         )
         end = section.rfind(RESULTS_END_MARKER)
         section = section[:end] + note + section[end:]

@@ -1,8 +1,8 @@
 """Fail fast when a Hub id must be downloaded but the Hub cannot be reached.
 
 Without a connection, huggingface_hub retries each request several times with growing waits (about half a
-minute in all), and a server that accepts the connection but never responds can keep a request waiting for
-minutes. One short request before loading turns both cases into a clear error within seconds. Nothing is sent in
+minute in all with huggingface_hub 2.4), and a server that accepts the connection but never responds can keep a
+request waiting for minutes. One short request before loading turns both cases into a clear error within seconds. Nothing is sent in
 offline mode (`HF_HUB_OFFLINE=1`), for local folders, or for repositories already in the local Hub cache.
 """
 
@@ -60,6 +60,6 @@ def check_hub_reachable(
     except Exception as error:  # noqa: BLE001 - any failure of the request means no response from the Hub
         raise ConnectionError(
             f"{source!r} is neither a local folder nor a {repo_type} repository in the local Hub cache, and the Hub "
-            f"at {endpoint} did not respond within {timeout:g} s ({type(error).__name__}: {error}). Connect this "
+            f"at {endpoint} could not be reached ({type(error).__name__}: {error}; timeout {timeout:g} s). Connect this "
             "machine to the network, pass a local folder, or set HF_HUB_OFFLINE=1 to use local files only."
         ) from error
