@@ -53,10 +53,10 @@ COMPUTATION_CONFIG_FIELDS = ("hidden_act", "num_attention_heads", "layer_norm_ep
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _listed(items: Sequence[str], separator: str) -> str:
-    """Join the first `_MAX_LISTED_KEYS` items and count the rest, so a message about a large model stays readable."""
-    listed = separator.join(items[:_MAX_LISTED_KEYS])
-    hidden = len(items) - _MAX_LISTED_KEYS
+def format_listed(items: Sequence[str], separator: str = ", ", limit: int = _MAX_LISTED_KEYS) -> str:
+    """Join the first `limit` items and count the rest, so a message about a large model stays readable."""
+    listed = separator.join(items[:limit])
+    hidden = len(items) - limit
     return listed if hidden <= 0 else f"{listed}{separator}... and {hidden} more"
 
 
@@ -141,18 +141,18 @@ def check_compatible_state_dicts(
         "cannot be interpolated."
     ]
     if missing:
-        lines.append(f"Missing from the {other_name} endpoint ({len(missing)}): {_listed(missing, ', ')}")
+        lines.append(f"Missing from the {other_name} endpoint ({len(missing)}): {format_listed(missing, ', ')}")
     if extra:
-        lines.append(f"Extra in the {other_name} endpoint ({len(extra)}): {_listed(extra, ', ')}")
+        lines.append(f"Extra in the {other_name} endpoint ({len(extra)}): {format_listed(extra, ', ')}")
     if shape_differences:
         lines.append(
             f"Shape mismatches ({reference_name} vs {other_name}, {len(shape_differences)}): "
-            + _listed(shape_differences, "; ")
+            + format_listed(shape_differences, "; ")
         )
     if dtype_differences:
         lines.append(
             f"Dtype mismatches ({reference_name} vs {other_name}, {len(dtype_differences)}): "
-            + _listed(dtype_differences, "; ")
+            + format_listed(dtype_differences, "; ")
         )
     lines.append(
         f"Use a {other_name} checkpoint of the same CLIP architecture as the {reference_name} endpoint, loaded in "

@@ -40,6 +40,7 @@ from .interpolation import (
     build_mixed_module,
     check_compatible_configs,
     check_compatible_state_dicts,
+    format_listed,
     merge_task_vectors,
 )
 from .mixture import BetaMixture
@@ -941,7 +942,7 @@ def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -
     """Raise a ValueError if loading an endpoint left CLIP weights missing, which transformers initialises randomly."""
     if not missing_keys:
         return
-    listed = ", ".join(missing_keys[:8]) + (f", ... and {len(missing_keys) - 8} more" if len(missing_keys) > 8 else "")
+    listed = format_listed(missing_keys, limit=8)
     raise ValueError(
         f"The {name} endpoint at {str(source)!r} lacks {len(missing_keys)} CLIPModel weights, which would be "
         f"initialised randomly: {listed}. Pass a complete CLIP checkpoint saved with CLIPModel.save_pretrained, "

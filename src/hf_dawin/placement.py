@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from .interpolation import format_listed
+
 
 logger = logging.get_logger(__name__)
 
@@ -446,21 +448,15 @@ def check_endpoint_in_memory(model: nn.Module, name: str, max_memory: dict | Non
         for device, limit in sorted((max_memory or {}).items(), key=str)
     ) or "not set"
     in_memory = ", ".join(f"{device}: {_format_bytes(size)}" for device, size in sorted(placed.items())) or "nothing"
-    problem = f"{len(offloaded)} module(s) offloaded to disk ({_first_names(offloaded) or 'the whole model'})"
+    problem = f"{len(offloaded)} module(s) offloaded to disk ({format_listed(offloaded, limit=5) or 'the whole model'})"
     if not offloaded:
-        problem = f"{len(on_meta)} tensor(s) left on the meta device ({_first_names(on_meta)})"
+        problem = f"{len(on_meta)} tensor(s) left on the meta device ({format_listed(on_meta, limit=5)})"
     raise ValueError(
         f"The {name} does not fit in the memory its device map allows: it needs {_format_bytes(total)} but "
         f"{problem}; placed in memory: {in_memory}; max_memory: {limits}. DaWin reads every weight of every "
         "endpoint, so it cannot run from disk. Raise max_memory, add a device, or load in a smaller dtype "
         "(dtype=torch.bfloat16 halves the size)."
     )
-
-
-def _first_names(names: list[str], limit: int = 5) -> str:
-    """Return the first `limit` names joined by commas, followed by the count of the others."""
-    listed = ", ".join(names[:limit])
-    return f"{listed} and {len(names) - limit} more" if len(names) > limit else listed
 
 
 def remaining_memory(max_memory: dict, model: nn.Module) -> dict:
