@@ -534,13 +534,17 @@ def test_push_results_other_method_drops_stale_metrics(fake_hub, results):
     assert {result.metric_name for result in card.data.eval_results} == {"WiSE-FT (alpha=0.5) accuracy"}
 
 
+def _pets_only(results):
+    """Return a copy of `results` with the in-distribution set 'pets' alone, as from a later, smaller evaluation."""
+    pets_only = json.loads(json.dumps(results))
+    del pets_only["sets"]["pets-sketch"]
+    pets_only["out_of_distribution"] = []
+    return pets_only
+
+
 def test_kept_entries_name_their_method(fake_hub, results):
     push_results_to_hub("my-org/tiny-dawin", results, method="dawin_sample")
-    only_pets = json.loads(json.dumps(results))
-    del only_pets["sets"]["pets-sketch"]
-    only_pets["out_of_distribution"] = []
-
-    push_results_to_hub("my-org/tiny-dawin", only_pets, method="dawin_mixture")
+    push_results_to_hub("my-org/tiny-dawin", _pets_only(results), method="dawin_mixture")
 
     card = ModelCard(fake_hub.repos["my-org/tiny-dawin"]["README.md"].decode())
     names = {(result.dataset_name, result.metric_type): result.metric_name for result in card.data.eval_results}
@@ -615,11 +619,7 @@ def test_limit_stays_with_kept_entries(fake_hub, results):
     limited = json.loads(json.dumps(results))
     limited["settings"].update(max_examples=10, seed=0)
     push_results_to_hub("my-org/tiny-dawin", limited, method="dawin_sample")
-    only_pets = json.loads(json.dumps(results))
-    del only_pets["sets"]["pets-sketch"]
-    only_pets["out_of_distribution"] = []
-
-    push_results_to_hub("my-org/tiny-dawin", only_pets, method="dawin_mixture")
+    push_results_to_hub("my-org/tiny-dawin", _pets_only(results), method="dawin_mixture")
 
     card = ModelCard(fake_hub.repos["my-org/tiny-dawin"]["README.md"].decode())
     arguments = {result.dataset_name: result.dataset_args for result in card.data.eval_results}

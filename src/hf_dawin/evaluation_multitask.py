@@ -543,7 +543,7 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     def names_of(dataset):
         return label_names(dataset, arguments.label_column, alternative=", or save the images in one folder per class")
 
-    datasets_by_task, options = {}, {}
+    datasets_by_task, names_by_task, options = {}, {}, {}
     for entry in arguments.task_datasets:
         task, source = entry.split("=", 1)
         options[task] = f"--task-dataset {entry}"
@@ -552,18 +552,17 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
                 source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
                 max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
             )  # fmt: skip
-            dataset_names = names_of(datasets_by_task[task])
+            names_by_task[task] = names_of(datasets_by_task[task])
             if not arguments.model:
-                check_class_names(dataset_names)
+                check_class_names(names_by_task[task])
 
     if arguments.model:
         model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
-        tasks = {task: names_of(dataset) for task, dataset in datasets_by_task.items()}
         model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
-            arguments.pretrained, arguments.fine_tuned, tasks=tasks, templates=arguments.templates,
+            arguments.pretrained, arguments.fine_tuned, tasks=names_by_task, templates=arguments.templates,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **_merge_overrides(arguments),
         )  # fmt: skip
     if model.image_processor is None:
@@ -579,7 +578,7 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     sets = {}
     for task, dataset in datasets_by_task.items():
         class_names = model.config.tasks[model.resolve_task(task)]
-        dataset_names = names_of(dataset)
+        dataset_names = names_by_task[task]
         with errors_naming(options[task]):
             projection = None if dataset_names == class_names else _task_projection(task, class_names, dataset_names)
 

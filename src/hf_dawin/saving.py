@@ -101,7 +101,7 @@ def _keep_copy(path: Path, copy: Path) -> None:
 
 
 def _commit(staging: Path, target: Path, written: list[Path], stale: Callable[[str], bool]) -> None:
-    """Move the staged files into `target` and remove its stale files; on any exception, undo every step.
+    """Move the staged files into `target`, remove its stale files, and undo every step if an exception occurs.
 
     Each file that a move replaces is first kept in a backup folder, so an error or Ctrl-C during the moves puts
     the previous files back. Only a process killed outright during the moves can leave some files new and others
@@ -121,11 +121,8 @@ def _commit(staging: Path, target: Path, written: list[Path], stale: Callable[[s
         new_names = {relative.as_posix() for relative in written}
         for path in sorted(target.iterdir()):
             if path.is_file() and stale(path.name) and path.name not in new_names:
-                relative = Path(path.name)
-                backup_path = backup / relative
-                backup_path.parent.mkdir(parents=True, exist_ok=True)
-                done.append((relative, True))
-                os.replace(path, backup_path)
+                done.append((Path(path.name), True))
+                os.replace(path, backup / path.name)
     except BaseException:
         # A step is recorded before it runs, so the interrupted step may not have happened yet.
         for relative, replaced in reversed(done):
