@@ -59,8 +59,13 @@ def test_long_key_lists_truncated():
 
 
 def test_incompatible_dtypes_reported():
-    with pytest.raises(ValueError, match="Dtype mismatches"):
+    with pytest.raises(ValueError, match=r"different dtypes \(zero-shot vs fine-tuned: torch.float32 vs torch.float64, in 1 of 1 tensors\)"):
         check_compatible_state_dicts({"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=torch.float64)})
+    # Beside a shape mismatch, a dtype difference is listed in the architecture report.
+    with pytest.raises(ValueError, match=r"share an architecture(.|\n)*Dtype mismatches .*: w: torch.float32 vs torch.float64"):
+        check_compatible_state_dicts(
+            {"w": torch.zeros(2), "v": torch.zeros(3)}, {"w": torch.zeros(2, dtype=torch.float64), "v": torch.zeros(4)}
+        )
 
 
 @torch.no_grad()

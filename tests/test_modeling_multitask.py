@@ -541,6 +541,21 @@ def test_architecture_mismatch_names_keys(tiny_processor):
         )
 
 
+def test_fine_tuned_endpoint_stored_in_bfloat16_loads_in_float32(tiny_processor, tmp_path):
+    pretrained = make_clip(0)
+    fine_tuned = [make_clip(10 + index, base=pretrained, noise=0.3) for index in range(2)]
+    paths = []
+    for index, endpoint in enumerate([pretrained, *fine_tuned]):
+        path = tmp_path / f"endpoint_{index}"
+        (endpoint.to(torch.bfloat16) if index == 2 else endpoint).save_pretrained(path)
+        paths.append(path)
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        paths[0], paths[1:], tasks=TASKS, templates=TEMPLATES, processor=tiny_processor
+    )
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    assert torch.equal(model.fine_tuned[1].text_projection.weight, fine_tuned[1].text_projection.weight.float())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -1,6 +1,7 @@
 """Reduced-precision endpoints: float32 coefficients, agreement with float32, and unsupported dtypes."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -177,3 +178,35 @@ def test_merged_module_rejects_non_finite():
         fine_tuned.bias.fill_(float("inf"))
     with pytest.raises(ValueError, match="parameter 'bias'"):
         build_merged_module(zero_shot, [fine_tuned], [0.5])
+
+
+def test_endpoints_stored_in_different_dtypes_load_in_float32(tiny_pair_dirs, tiny_endpoints, tmp_path, caplog):
+    # transformers loads a checkpoint in the dtype it was saved in, so a float16 fine-tune beside a float32
+    # zero-shot checkpoint would otherwise fail the architecture check.
+    half_dir = tmp_path / "fine_tuned_float16"
+    copy.deepcopy(tiny_endpoints[1]).half().save_pretrained(half_dir)
+    with caplog.at_level(logging.WARNING, logger="hf_dawin.modeling_dawin"):
+        model = DaWinCLIPModel.from_pretrained_pair(
+            tiny_pair_dirs[0], half_dir, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES
+        )
+    assert "zero-shot float32, fine-tuned float16" in caplog.text
+    assert "the fine-tuned endpoint is loaded in float32" in caplog.text
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    # The float16 weights are cast exactly: the loaded endpoint equals the rounded original.
+    expected = copy.deepcopy(tiny_endpoints[1]).half().float().state_dict()
+    for key, value in model.fine_tuned.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_loaded_endpoints_in_different_dtypes_name_the_fix(tiny_endpoints, tiny_processor):
+    zero_shot, fine_tuned = tiny_endpoints
+    with pytest.raises(ValueError) as raised:
+        DaWinCLIPModel.from_pretrained_pair(
+            zero_shot, copy.deepcopy(fine_tuned).half(), class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+            processor=tiny_processor,
+        )
+    message = str(raised.value)
+    assert "different dtypes (zero-shot vs fine-tuned: torch.float32 vs torch.float16" in message
+    assert "dtype=torch.float32" in message
+    assert "share an architecture" not in message
+    assert zero_shot.text_projection.weight.dtype == torch.float32  # the caller's models are not cast

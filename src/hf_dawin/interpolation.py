@@ -136,6 +136,14 @@ def check_compatible_state_dicts(
     if not (missing or extra or shape_differences or dtype_differences):
         return
 
+    if not (missing or extra or shape_differences):
+        pairs = sorted({f"{reference[key].dtype} vs {other[key].dtype}" for key in shared if reference[key].dtype != other[key].dtype})
+        raise ValueError(
+            f"The {reference_name} and {other_name} endpoints hold their weights in different dtypes "
+            f"({reference_name} vs {other_name}: {'; '.join(pairs)}, in {len(dtype_differences)} of {len(shared)} "
+            "tensors), so their weights cannot be interpolated. Cast them to one dtype: pass dtype=torch.float32 "
+            "(or the dtype you want) when building the DaWin model, or call .to(dtype) on the CLIPModels you pass in."
+        )
     lines = [
         f"The {reference_name} and {other_name} endpoints do not share an architecture, so their weights "
         "cannot be interpolated."

@@ -403,7 +403,10 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             offset_adjustment (`bool`, *optional*, defaults to `False`): Apply the offset adjustment.
             n_components (`int`, *optional*, defaults to 3): Components of the Beta mixture.
             dtype (`torch.dtype` or `str`, *optional*): Dtype of the endpoints (for example `torch.bfloat16`); a
-                loaded `CLIPModel` is cast in place. Entropies, coefficients and the mixture stay float32.
+                loaded `CLIPModel` is cast in place. Entropies, coefficients and the mixture stay float32. Without
+                it, each checkpoint loads in the dtype it was saved in; when the endpoints were saved in different
+                dtypes, those loaded from a path take a dtype that represents them all exactly (float32 for a float16
+                fine-tune of a float32 checkpoint).
             device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for both endpoints, or
                 `{"zero_shot": map, "fine_tuned": map}` for one map each. A loaded `CLIPModel` accepts a single
                 device only.
@@ -950,33 +953,98 @@ def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -
     )
 
 
+def _endpoint_load_error(error: OSError, endpoint, name: str) -> OSError:
+    return OSError(
+        f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}."
+        f"{_offline_note()} "
+        "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
+        "a loaded CLIPModel."
+    )
+
+
+def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None:
+    """Check that an endpoint can be loaded and return its saved config (None for a loaded `CLIPModel`).
+
+    Raises:
+        FileNotFoundError: If a local path does not exist.
+        ConnectionError: If a Hub id must be downloaded and the Hub does not respond.
+        OSError: If the config cannot be read.
+        ValueError: If the config is not a CLIP config.
+        TypeError: If the endpoint is neither a path, a Hub id nor a `CLIPModel`.
+    """
+    if isinstance(endpoint, CLIPModel):
+        return None
+    if not isinstance(endpoint, (str, Path)):
+        raise TypeError(
+            f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
+            f"{type(endpoint).__name__}."
+        )
+    check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
+    check_hub_reachable(
+        endpoint,
+        cache_dir=load_kwargs.get("cache_dir"),
+        local_files_only=load_kwargs.get("local_files_only", False),
+    )
+    try:
+        config_dict = _saved_config_dict(endpoint, load_kwargs)
+    except OSError as error:
+        raise _endpoint_load_error(error, endpoint, name) from error
+    _check_clip_model_type(endpoint, name, config_dict.get("model_type"))
+    return config_dict
+
+
 def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
+    """Load one endpoint checked by `_read_endpoint_config`; return it with its Hub id or path."""
     if isinstance(endpoint, CLIPModel):
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
-    if isinstance(endpoint, (str, Path)):
-        check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
-        check_hub_reachable(
-            endpoint,
-            cache_dir=load_kwargs.get("cache_dir"),
-            local_files_only=load_kwargs.get("local_files_only", False),
-        )
-        try:
-            model_type = _saved_config_dict(endpoint, load_kwargs).get("model_type")
-            _check_clip_model_type(endpoint, name, model_type)
-            model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
-        except OSError as error:
-            raise OSError(
-                f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}."
-                f"{_offline_note()} "
-                "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
-                "a loaded CLIPModel."
-            ) from error
-        _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
-        return model, str(endpoint)
-    raise TypeError(
-        f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
-        f"{type(endpoint).__name__}."
+    try:
+        model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
+    except OSError as error:
+        raise _endpoint_load_error(error, endpoint, name) from error
+    _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
+    return model, str(endpoint)
+
+
+def _stored_dtype(endpoint, config_dict: dict | None) -> torch.dtype | None:
+    """Return the dtype transformers loads an endpoint in by default: its parameters' dtype or its config's.
+
+    None when the config names no dtype; transformers then takes the dtype of the stored weights.
+    """
+    if isinstance(endpoint, CLIPModel):
+        return next((p.dtype for p in endpoint.parameters() if p.is_floating_point()), None)
+    name = (config_dict or {}).get("dtype") or (config_dict or {}).get("torch_dtype")
+    try:
+        return resolve_dtype(name) if isinstance(name, str) else None
+    except ValueError:
+        return None
+
+
+def _common_dtype(stored: Mapping[str, torch.dtype | None], from_path: Mapping[str, bool]) -> torch.dtype | None:
+    """Return the dtype to load the endpoints from a path in, when the endpoints are stored in different dtypes.
+
+    The dtype represents every stored dtype exactly: float32 for float16 with bfloat16. Endpoints
+    passed in as loaded models keep their dtype. Returns None when the dtypes agree, are unknown, or no endpoint
+    loaded from a path would change.
+    """
+    known = [value for value in stored.values() if value is not None]
+    if len(set(known)) < 2:
+        return None
+    common = known[0]
+    for value in known[1:]:
+        common = torch.promote_types(common, value)
+    changed = [name for name, value in stored.items() if from_path[name] and value is not None and value != common]
+    if not changed:
+        return None
+    listed = ", ".join(f"{name} {str(value).removeprefix('torch.')}" for name, value in stored.items() if value is not None)
+    logger.warning(
+        "The endpoints are stored in different dtypes (%s), so the %s endpoint%s loaded in %s. Pass dtype= to "
+        "choose the dtype of every endpoint.",
+        listed,
+        ", ".join(changed),
+        " is" if len(changed) == 1 else "s are",
+        str(common).removeprefix("torch."),
     )
+    return common
 
 
 def _load_endpoints(
@@ -1007,9 +1075,20 @@ def _load_endpoints(
     budget = dict(load_kwargs.get("max_memory") or {})
     loaded: list[tuple[CLIPModel, str | None]] = []
     check_max_memory_devices(budget, "endpoints")
-    for name, _, device_map in entries:
+    config_dicts = {}
+    for name, endpoint, device_map in entries:
         check_module_device_map(device_map, f"{name} endpoint")
         check_devices_available(device_map, f"{name} endpoint")
+        config_dicts[name] = _read_endpoint_config(endpoint, name, load_kwargs)
+    if dtype is None:
+        # transformers loads each checkpoint in the dtype it was saved in. Endpoints saved in different dtypes
+        # are loaded in one dtype instead, so that their weights can be interpolated.
+        common = _common_dtype(
+            {name: _stored_dtype(endpoint, config_dicts[name]) for name, endpoint, _ in entries},
+            {name: config_dicts[name] is not None for name, _, _ in entries},
+        )
+        if common is not None:
+            load_kwargs["dtype"] = common
     for position, (name, endpoint, device_map) in enumerate(entries):
         kwargs = load_kwargs if device_map is None else {**load_kwargs, "device_map": device_map}
         if budget:

@@ -317,7 +317,9 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             ties_density (`float`, *optional*, defaults to 0.2): Fraction of task-vector entries TIES keeps.
             ties_scale (`float`, *optional*, defaults to 1.0): Scale of the TIES-merged task vector.
             dtype (`torch.dtype` or `str`, *optional*): Dtype of the endpoints (for example `torch.bfloat16`); a
-                loaded `CLIPModel` is cast in place. Entropies and task weights stay float32.
+                loaded `CLIPModel` is cast in place. Entropies and task weights stay float32. Without it,
+                endpoints saved in different dtypes are loaded from their paths in a dtype that represents them
+                all exactly.
             device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for every endpoint; the
                 endpoints share one `max_memory` budget. A loaded `CLIPModel` accepts a single device only.
             progress (`bool`, *optional*, defaults to `False`): Show progress while building zero-shot heads.
