@@ -313,6 +313,23 @@ def test_cli_dtype_from_flag_or_accelerate(tiny_pair_dirs, tmp_path, monkeypatch
     assert settings["seed"] == 0
 
 
+def test_cli_loads_pickled_endpoint_only_with_flag(tiny_pair_dirs, tiny_endpoints, tmp_path, capsys):
+    pickled = tmp_path / "fine_tuned_bin"
+    tiny_endpoints[1].config.save_pretrained(pickled)
+    torch.save(tiny_endpoints[1].state_dict(), pickled / "pytorch_model.bin")
+    arguments = [
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(pickled),
+        "--id-dataset", str(_image_dataset(tmp_path / "id", 4)), "--alphas", "0,1", "--no-progress", "--no-plots",
+    ]  # fmt: skip
+
+    assert main([*arguments, "--output-dir", str(tmp_path / "refused")]) == 1
+    assert "safetensors files only" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+    assert main([*arguments, "--output-dir", str(tmp_path / "results"), "--allow-torch-load"]) == 0
+    assert (tmp_path / "results" / "results.json").is_file()
+
+
 def test_cli_rejects_fp8_mixed_precision(tiny_pair_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(SystemExit, match="requested mixed precision 'fp8', which hf-dawin cannot run"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from hf_dawin.cli import main
 from hf_dawin.evaluation import EvaluationSet
@@ -217,6 +218,24 @@ def test_command_loads_requested_dtype(model, tmp_path):
     settings = json.loads((tmp_path / "results" / "results.json").read_text())["settings"]
     assert settings["dtype"] == "bfloat16"
     assert settings["num_processes"] == 1
+
+
+def test_command_loads_pickled_model_only_with_flag(model, tmp_path, capsys):
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    save_image_dataset(tmp_path / "colours", ["red", "green", "blue"], 4, seed=3)
+    arguments = [
+        "--model", str(folder), "--task-dataset", f"colours={tmp_path / 'colours'}", "--no-ties", "--no-progress",
+        "--no-plots",
+    ]  # fmt: skip
+
+    assert main_multitask([*arguments, "--output-dir", str(tmp_path / "refused")]) == 1
+    assert "safetensors files only" in capsys.readouterr().err
+    assert main_multitask([*arguments, "--output-dir", str(tmp_path / "results"), "--allow-torch-load"]) == 0
+    assert (tmp_path / "results" / "results.json").is_file()
 
 
 @pytest.mark.parametrize("flag", [[], ["--multitask"]])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel
 
 from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel, interpolate_state_dicts
@@ -270,6 +271,48 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
         DaWinCLIPModel.from_pretrained_pair(
             zero_shot, smaller, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
         )
+
+
+def _pickle_only_checkpoint(model, folder):
+    """Save `model` the old way: config.json and a pickled pytorch_model.bin, no safetensors file."""
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickled_endpoint_loads_only_when_asked(tiny_pair_dirs, tiny_endpoints, tmp_path, monkeypatch):
+    pickled = _pickle_only_checkpoint(tiny_endpoints[1], tmp_path / "fine_tuned_bin")
+    calls = []
+    original_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or original_load(*args, **kwargs))
+
+    with pytest.raises(OSError) as error:
+        DaWinCLIPModel.from_pretrained_pair(
+            tiny_pair_dirs[0], pickled, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES
+        )
+    message = str(error.value)
+    assert f"Could not load the fine-tuned endpoint from {str(pickled)!r}" in message
+    assert "safetensors files only" in message and "use_safetensors=None" in message
+    assert calls == []  # nothing was unpickled
+
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], pickled, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, use_safetensors=None
+    )
+    assert calls and all(call.get("weights_only") is True for call in calls)
+    for key, value in tiny_endpoints[1].state_dict().items():
+        assert torch.equal(model.fine_tuned.state_dict()[key], value), key
+
+
+def test_saved_model_without_safetensors_needs_consent(tiny_model, tmp_path):
+    folder = tmp_path / "saved"
+    tiny_model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors files only"):
+        DaWinCLIPModel.from_pretrained(folder)
+    loaded = DaWinCLIPModel.from_pretrained(folder, use_safetensors=None)
+    assert torch.equal(loaded.zero_shot_head.weight, tiny_model.zero_shot_head.weight)
 
 
 @pytest.mark.parametrize(

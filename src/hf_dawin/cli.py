@@ -98,6 +98,7 @@ class EvaluateArguments:
     plots: bool = True
     push_results: str | None = None
     dtype: str | None = None
+    allow_torch_load: bool = False
 
 
 def _parse_alphas(text: str) -> list[float]:
@@ -119,6 +120,23 @@ def add_dtype_argument(parser: argparse.ArgumentParser, float32_outputs: str) ->
             "`accelerate launch --mixed_precision` (bf16 or fp16), else float32."
         ),
     )  # fmt: skip
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """Add `--allow-torch-load`, shared by both evaluate commands."""
+    parser.add_argument(
+        "--allow-torch-load", action="store_true",
+        help=(
+            "Load checkpoints that have no safetensors weights from their pytorch_model.bin, a pickle that "
+            "transformers reads with torch.load(weights_only=True). Only for checkpoints you trust; by default only "
+            "safetensors weights load."
+        ),
+    )  # fmt: skip
+
+
+def weights_format(arguments) -> dict:
+    """Return the `from_pretrained` keyword that `--allow-torch-load` asks for, or none for safetensors only."""
+    return {"use_safetensors": None} if arguments.allow_torch_load else {}
 
 
 def evaluation_dtype(requested: str | None) -> torch.dtype | None:
@@ -221,6 +239,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_dtype_argument(evaluate, "Entropies, coefficients and the mixture")
+    add_weights_argument(evaluate)
     evaluate.add_argument(
         "--output-dir", default="hf_dawin_results", help="Folder for results.json and the tables (default: hf_dawin_results)."
     )
@@ -308,7 +327,9 @@ def _suite_benchmark(arguments: EvaluateArguments):
 
     wordnet_ids = read_wordnet_ids(arguments.wordnet_ids) if arguments.wordnet_ids else None
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
+        model = DaWinCLIPModel.from_pretrained(
+            arguments.model, **saved_model_dtype(arguments.dtype), **weights_format(arguments)
+        )
     else:
         if arguments.class_names:
             class_names = [line.strip() for line in Path(arguments.class_names).read_text().splitlines() if line.strip()]
@@ -326,7 +347,7 @@ def _suite_benchmark(arguments: EvaluateArguments):
                 )
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
-            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),
+            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **weights_format(arguments),
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")
@@ -652,7 +673,9 @@ def _custom_benchmark(arguments: EvaluateArguments):
             label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
         )
     if arguments.model:
-        model = DaWinCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
+        model = DaWinCLIPModel.from_pretrained(
+            arguments.model, **saved_model_dtype(arguments.dtype), **weights_format(arguments)
+        )
         class_names = list(model.config.class_names)
     else:
         if arguments.class_names:
@@ -666,7 +689,7 @@ def _custom_benchmark(arguments: EvaluateArguments):
             check_class_names(class_names)
         model = DaWinCLIPModel.from_pretrained_pair(
             arguments.zero_shot, arguments.fine_tuned, class_names=class_names, templates=arguments.templates,
-            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype),
+            progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **weights_format(arguments),
         )
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")

@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .cli import (
     add_dtype_argument,
+    add_weights_argument,
     check_output_dir,
     evaluation_dtype,
     library_progress_bars,
@@ -37,6 +38,7 @@ from .cli import (
     place_on_process_device,
     record_run_settings,
     saved_model_dtype,
+    weights_format,
 )
 from .distributed import (
     DistributedState,
@@ -381,6 +383,7 @@ class MultiTaskEvaluateArguments:
     plots: bool = True
     push_results: str | None = None
     dtype: str | None = None
+    allow_torch_load: bool = False
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -420,6 +423,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ties-density", type=float, help="Fraction of task-vector entries TIES keeps (default: 0.2).")
     parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
     add_dtype_argument(parser, "Entropies and task coefficients")
+    add_weights_argument(parser)
     parser.add_argument(
         "--max-examples", type=int,
         help=(
@@ -557,13 +561,16 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
                 check_class_names(names_by_task[task])
 
     if arguments.model:
-        model = DaWinMultiTaskCLIPModel.from_pretrained(arguments.model, **saved_model_dtype(arguments.dtype))
+        model = DaWinMultiTaskCLIPModel.from_pretrained(
+            arguments.model, **saved_model_dtype(arguments.dtype), **weights_format(arguments)
+        )
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
         model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
             arguments.pretrained, arguments.fine_tuned, tasks=names_by_task, templates=arguments.templates,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **_merge_overrides(arguments),
+            **weights_format(arguments),
         )  # fmt: skip
     if model.image_processor is None:
         raise SystemExit("error: no image processor was found beside the model; save one with the endpoints.")

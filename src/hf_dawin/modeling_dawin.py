@@ -502,7 +502,11 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a saved DaWin model and, when present beside it, its processor."""
+        """Load a saved DaWin model and, when present beside it, its processor.
+
+        Weights load from safetensors files only unless `use_safetensors=None` or `False` is passed.
+        """
+        kwargs = safetensors_only(kwargs)
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
         check_devices_available(kwargs.get("device_map"), "DaWin model")
@@ -525,7 +529,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         except OSError as error:
             raise OSError(
                 f"Could not load a DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{_load_error_text(error, pretrained_model_name_or_path)}.{_offline_note()} Pass a folder written by "
+                f"{_load_error_text(error, pretrained_model_name_or_path)}."
+                f"{safetensors_hint(error, kwargs) or _offline_note()} Pass a folder written by "
                 "DaWinCLIPModel.save_pretrained or a Hub id reachable from this machine."
             ) from error
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
@@ -953,13 +958,32 @@ def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -
     )
 
 
-def _endpoint_load_error(error: OSError, endpoint, name: str) -> OSError:
-    return OSError(
-        f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}."
-        f"{_offline_note()} "
-        "Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from this machine, or "
-        "a loaded CLIPModel."
+def safetensors_only(kwargs: dict) -> dict:
+    """Return `from_pretrained` arguments that load weights from safetensors files only, unless `use_safetensors` is set.
+
+    Without this, transformers falls back to `pytorch_model.bin`, a pickle, which it reads with
+    `torch.load(weights_only=True)`. A pickle is read only when the caller passes `use_safetensors=None` or `False`.
+    """
+    return {"use_safetensors": True, **kwargs}
+
+
+def safetensors_hint(error: Exception, kwargs: dict) -> str:
+    """Return the advice for a checkpoint without safetensors weights, or "" when `error` is about something else."""
+    if kwargs.get("use_safetensors") is not True or "safetensors" not in str(error):
+        return ""
+    return (
+        " hf_dawin loads weights from safetensors files only, unless asked otherwise. If you trust this checkpoint, "
+        "pass use_safetensors=None to fall back to its pytorch_model.bin, which transformers loads with "
+        "torch.load(weights_only=True) (on the command line: --allow-torch-load), or convert it to safetensors."
     )
+
+
+def _endpoint_load_error(error: OSError, endpoint, name: str, load_kwargs: dict) -> OSError:
+    advice = safetensors_hint(error, load_kwargs) or (
+        f"{_offline_note()} Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from "
+        "this machine, or a loaded CLIPModel."
+    )
+    return OSError(f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}.{advice}")
 
 
 def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None:
@@ -988,7 +1012,7 @@ def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None
     try:
         config_dict = _saved_config_dict(endpoint, load_kwargs)
     except OSError as error:
-        raise _endpoint_load_error(error, endpoint, name) from error
+        raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
     _check_clip_model_type(endpoint, name, config_dict.get("model_type"))
     return config_dict
 
@@ -1000,7 +1024,7 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
     try:
         model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
     except OSError as error:
-        raise _endpoint_load_error(error, endpoint, name) from error
+        raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
     _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
     return model, str(endpoint)
 
@@ -1068,7 +1092,7 @@ def _load_endpoints(
     Returns:
         `list[tuple[CLIPModel, str | None]]`: Each endpoint with its Hub id or path, in the order of `entries`.
     """
-    load_kwargs = dict(load_kwargs)
+    load_kwargs = safetensors_only(load_kwargs)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     # transformers rewrites max_memory in place, so every load gets its own copy of the budget.

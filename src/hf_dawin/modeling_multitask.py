@@ -49,12 +49,16 @@ from .modeling_dawin import (
     CLIPImageClassifier,
     DaWinCLIPPreTrainedModel,
     _load_endpoints,
+    _load_error_text,
     _load_processor,
+    _offline_note,
     _make_head,
     _run_on_own_device,
     batch_pixel_values,
     check_label_indices,
     check_local_folder,
+    safetensors_hint,
+    safetensors_only,
 )
 from .placement import (
     check_devices_available,
@@ -445,7 +449,11 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a saved multi-task DaWin model and, when present beside it, its processor."""
+        """Load a saved multi-task DaWin model and, when present beside it, its processor.
+
+        Weights load from safetensors files only unless `use_safetensors=None` or `False` is passed.
+        """
+        kwargs = safetensors_only(kwargs)
         check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
         check_hub_reachable(
             pretrained_model_name_or_path,
@@ -461,7 +469,15 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         )  # fmt: skip
         # transformers rewrites max_memory in place; keep the caller's values for error messages.
         requested_memory = dict(kwargs.get("max_memory") or {})
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load a multi-task DaWin model from {str(pretrained_model_name_or_path)!r}: "
+                f"{_load_error_text(error, pretrained_model_name_or_path)}."
+                f"{safetensors_hint(error, kwargs) or _offline_note()} Pass a folder written by "
+                "DaWinMultiTaskCLIPModel.save_pretrained or a Hub id reachable from this machine."
+            ) from error
         # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
         model.config.check_settings()
         model.resolve_task(None)
