@@ -1,11 +1,13 @@
 """DaWinCLIPModel: exactness of per-sample interpolation, modes, persistence and bad input."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel
 
 from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel, interpolate_state_dicts
@@ -271,6 +273,44 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
         DaWinCLIPModel.from_pretrained_pair(
             zero_shot, smaller, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
         )
+
+
+class _RecordList(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def load_reports():
+    """Messages that transformers logs while loading weights, whatever its handlers and propagation."""
+    handler = _RecordList()
+    source = logging.getLogger("transformers.modeling_utils")
+    source.addHandler(handler)
+    yield handler.messages
+    source.removeHandler(handler)
+
+
+def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_path, load_reports):
+    # transformers' own report of the missing weights advises training, so only hf_dawin's error is shown.
+    state = {key: value.contiguous() for key, value in tiny_endpoints[1].state_dict().items()}
+    partial = tmp_path / "partial"
+    tiny_endpoints[1].config.save_pretrained(partial)
+    save_file({key: value for key, value in state.items() if "text_model.encoder" not in key}, partial / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks 32 CLIPModel weights"):
+        DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], partial, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
+    assert not [message for message in load_reports if "LOAD REPORT" in message]
+
+    # A complete checkpoint with an extra tensor still gets transformers' report of the unexpected key.
+    extra = tmp_path / "extra"
+    tiny_endpoints[1].config.save_pretrained(extra)
+    save_file({**state, "extra_head.weight": torch.zeros(3, 3)}, extra / "model.safetensors")
+    DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], extra, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
+    reports = [message for message in load_reports if "LOAD REPORT" in message]
+    assert len(reports) == 1 and "extra_head.weight" in reports[0]
 
 
 def _pickle_only_checkpoint(model, folder):

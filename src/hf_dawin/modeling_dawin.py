@@ -7,6 +7,7 @@ endpoint by lambda(x) = sigmoid(H_0(x) - H_1(x)), where H_m is the entropy of en
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -1017,15 +1018,42 @@ def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None
     return config_dict
 
 
+@contextlib.contextmanager
+def _held_load_reports():
+    """Hold back the load reports that transformers logs while the block runs; yield the list that collects them.
+
+    A report of missing weights ends with advice to train the model, which does not apply to an endpoint: the
+    caller raises its own error instead and logs the held reports only when it does not.
+    """
+    source = logging.get_logger("transformers.modeling_utils")
+    reports = []
+
+    def hold(record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            reports.append(record)
+            return False
+        return True
+
+    source.addFilter(hold)
+    try:
+        yield reports
+    finally:
+        source.removeFilter(hold)
+
+
 def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
     """Load one endpoint checked by `_read_endpoint_config`; return it with its Hub id or path."""
     if isinstance(endpoint, CLIPModel):
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
     try:
-        model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
+        with _held_load_reports() as reports:
+            model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
     except OSError as error:
         raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
     _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
+    # Complete checkpoint: other findings, such as unexpected keys, are still worth reading.
+    for record in reports:
+        logging.get_logger("transformers.modeling_utils").handle(record)
     return model, str(endpoint)
 
 
