@@ -88,6 +88,29 @@ def test_oracle_and_output_ensemble_by_hand():
     torch.testing.assert_close(mixed, torch.tensor([[0.75 * 0.75 + 0.25 * 0.5, 0.75 * 0.25 + 0.25 * 0.5]]))
 
 
+def test_oracle_and_output_ensemble_with_temperatures_by_hand():
+    # Zero-shot logits (2 log 3, 0) at temperature 2 give p_0 = (0.75, 0.25); fine-tuned logits (0, log 3) at
+    # temperature 0.5 give p_1 = (0.1, 0.9).
+    zero_shot_logits = torch.tensor([[2 * math.log(3.0), 0.0]])
+    fine_tuned_logits = torch.tensor([[0.0, math.log(3.0)]])
+    temperatures = (2.0, 0.5)
+    oracle = oracle_coefficients(zero_shot_logits, fine_tuned_logits, torch.tensor([1]), temperatures=temperatures)
+    assert oracle.item() == pytest.approx(0.9 / (0.25 + 0.9), abs=1e-6)
+    mixed = output_ensemble_probabilities(
+        zero_shot_logits, fine_tuned_logits, torch.tensor([0.25]), temperatures=temperatures
+    )
+    torch.testing.assert_close(mixed, torch.tensor([[0.75 * 0.75 + 0.25 * 0.1, 0.75 * 0.25 + 0.25 * 0.9]]))
+
+
+def test_entropy_of_bfloat16_logits_is_computed_in_float32():
+    logits = (torch.randn(64, 10, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    expected = entropy(logits.float())
+    actual = entropy(logits)
+    assert actual.dtype == torch.float32
+    # The same float32 arithmetic on the same values, not a bfloat16 softmax rounded afterwards.
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_name_endpoint(bad):
     logits = torch.zeros(3, 2)

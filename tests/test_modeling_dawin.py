@@ -10,7 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, CLIPModel
 
-from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel, interpolate_state_dicts
+from hf_dawin import BetaMixture, DaWinCLIPConfig, DaWinCLIPModel, entropy, entropy_statistics, interpolate_state_dicts
+from hf_dawin.coefficients import coefficients_from_entropies
 
 from .conftest import TINY_CLASS_NAMES, TINY_TEMPLATES, make_clip, tiny_clip_config
 
@@ -86,7 +87,12 @@ def test_fixed_weight_modes(tiny_model, pixel_values):
     assert (static.logits - explicit_merged_logits(tiny_model, pixel_values, 0.3)).abs().max().item() < 1e-4
     assert torch.all(static.coefficients == 0.3)
     default_alpha = tiny_model(pixel_values=pixel_values, mode="static")
-    assert torch.all(default_alpha.coefficients == tiny_model.config.alpha)
+    assert tiny_model.config.alpha == 0.5 == DaWinCLIPConfig().alpha
+    assert torch.all(default_alpha.coefficients == 0.5)
+    # The ends of the static path are the endpoints themselves.
+    torch.testing.assert_close(tiny_model(pixel_values=pixel_values, mode="static", alpha=0.0).logits, zero_shot_logits)
+    at_one = tiny_model(pixel_values=pixel_values, mode="static", alpha=1.0).logits
+    torch.testing.assert_close(at_one, fine_tuned_logits, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -103,6 +109,7 @@ def test_mixture_mode_uses_component_models(tiny_model, pixel_values):
         tiny_model(pixel_values=pixel_values, mode="mixture")
     sample_outputs = tiny_model(pixel_values=pixel_values, mode="sample")
     mixture = tiny_model.fit_mixture(sample_outputs.coefficients, n_components=2)
+    assert len(mixture.component_means) == 2 != tiny_model.config.n_components
     outputs = tiny_model(pixel_values=pixel_values, mode="mixture")
     means = torch.as_tensor(mixture.component_means, dtype=torch.float32)
     torch.testing.assert_close(outputs.coefficients, means[outputs.mixture_components])
@@ -310,7 +317,8 @@ def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_pa
     save_file({**state, "extra_head.weight": torch.zeros(3, 3)}, extra / "model.safetensors")
     DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], extra, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
     reports = [message for message in load_reports if "LOAD REPORT" in message]
-    assert len(reports) == 1 and "extra_head.weight" in reports[0]
+    assert len(reports) == 1
+    assert "extra_head.weight" in reports[0]
 
 
 def _pickle_only_checkpoint(model, folder):
@@ -332,7 +340,8 @@ def test_pickled_endpoint_loads_only_when_asked(tiny_pair_dirs, tiny_endpoints, 
         )
     message = str(error.value)
     assert f"Could not load the fine-tuned endpoint from {str(pickled)!r}" in message
-    assert "safetensors files only" in message and "use_safetensors=None" in message
+    assert "safetensors files only" in message
+    assert "use_safetensors=None" in message
     assert calls == []  # nothing was unpickled
 
     model = DaWinCLIPModel.from_pretrained_pair(
@@ -411,6 +420,62 @@ def test_offset_adjustment_needs_statistics(tiny_model, pixel_values):
     tiny_model.calibrate([pixel_values[:3], {"pixel_values": pixel_values[3:]}])
     outputs = tiny_model(pixel_values=pixel_values)
     assert outputs.coefficients.shape == (pixel_values.shape[0],)
+
+
+@torch.no_grad()
+def test_temperatures_reach_entropies_coefficients_and_ensemble(tiny_pair_dirs, pixel_values):
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+        temperatures=(2.0, 0.5),
+    )
+    assert model.config.temperatures == [2.0, 0.5]
+    zero_shot_logits, fine_tuned_logits = model.endpoint_logits(pixel_values)
+    zero_shot_entropy, fine_tuned_entropy = entropy(zero_shot_logits / 2.0), entropy(fine_tuned_logits / 0.5)
+
+    outputs = model(pixel_values=pixel_values, mode="sample")
+    torch.testing.assert_close(outputs.zero_shot_entropy, zero_shot_entropy)
+    torch.testing.assert_close(outputs.fine_tuned_entropy, fine_tuned_entropy)
+    torch.testing.assert_close(outputs.coefficients, torch.sigmoid(zero_shot_entropy - fine_tuned_entropy))
+
+    ensemble = model(pixel_values=pixel_values, mode="output_ensemble")
+    weights = ensemble.coefficients.unsqueeze(-1)
+    expected = (1 - weights) * (zero_shot_logits / 2.0).softmax(-1) + weights * (fine_tuned_logits / 0.5).softmax(-1)
+    torch.testing.assert_close(ensemble.logits.exp(), expected)
+
+    model.calibrate([pixel_values], fit_mixture=False)
+    assert model.stored_entropy_statistics() == entropy_statistics(zero_shot_entropy, fine_tuned_entropy)
+
+
+@torch.no_grad()
+def test_offset_adjustment_uses_calibrated_or_given_statistics(tiny_model, pixel_values):
+    tiny_model.config.offset_adjustment = True
+    tiny_model.calibrate([pixel_values[:4]])
+    stored = tiny_model.stored_entropy_statistics()
+    zero_shot_logits, fine_tuned_logits = tiny_model.endpoint_logits(pixel_values)
+    zero_shot_entropy, fine_tuned_entropy = entropy(zero_shot_logits), entropy(fine_tuned_logits)
+
+    # The mixture is fitted on the adjusted coefficients of the calibration images.
+    adjusted = coefficients_from_entropies(zero_shot_entropy[:4], fine_tuned_entropy[:4], stored)
+    assert tiny_model.config.mixture == BetaMixture(n_components=3).fit(adjusted.numpy()).to_dict()
+
+    outputs = tiny_model(pixel_values=pixel_values)
+    expected = coefficients_from_entropies(zero_shot_entropy, fine_tuned_entropy, stored)
+    torch.testing.assert_close(outputs.coefficients, expected)
+    assert not torch.allclose(expected, torch.sigmoid(zero_shot_entropy - fine_tuned_entropy))
+
+    # Statistics passed in replace the calibrated ones.
+    other = entropy_statistics(zero_shot_entropy, fine_tuned_entropy)
+    from_other, _, _ = tiny_model.coefficients_from_logits(zero_shot_logits, fine_tuned_logits, statistics=other)
+    torch.testing.assert_close(from_other, coefficients_from_entropies(zero_shot_entropy, fine_tuned_entropy, other))
+    assert not torch.allclose(from_other, expected)
+
+
+@torch.no_grad()
+def test_given_coefficients_replace_entropy_ones(tiny_model, pixel_values):
+    coefficients = torch.tensor([0.9, 0.1, 0.5, 0.0, 1.0, 0.3])
+    outputs = tiny_model(pixel_values=pixel_values, mode="sample", coefficients=coefficients)
+    torch.testing.assert_close(outputs.coefficients, coefficients)
+    torch.testing.assert_close(outputs.logits, tiny_model.interpolated_logits(pixel_values, coefficients))
 
 
 def test_edited_temperatures_checked_at_forward(tiny_model, pixel_values):

@@ -289,6 +289,21 @@ def test_ties_mode_matches_ties_merged_clip(tiny_processor, images):
     assert (outputs.logits - expected).abs().max().item() < 1e-4
     for key, value in model.merge_ties().state_dict().items():
         torch.testing.assert_close(value, state[key], msg=f"TIES-merged {key}")
+    # Arguments of merge_ties replace the configured density and scale.
+    image_keys = [key for key in state if key.startswith(("vision_model.", "visual_projection."))]
+    expected_image = ties_merge_state_dicts(
+        {key: model.pretrained.state_dict()[key] for key in image_keys},
+        [{key: endpoint.state_dict()[key] for key in image_keys} for endpoint in model.fine_tuned],
+        density=0.3, scale=0.6,
+    )  # fmt: skip
+    overridden = model.merge_ties(density=0.3, scale=0.6).state_dict()
+    for key in image_keys:
+        torch.testing.assert_close(overridden[key], expected_image[key], msg=f"TIES-merged {key} at density 0.3")
+
+
+def test_ties_defaults_follow_the_ties_paper():
+    # TIES-merging (Yadav et al., NeurIPS 2023) keeps the top 20% of each task vector's entries by magnitude.
+    assert DaWinMultiTaskCLIPConfig().ties_density == 0.2
 
 
 def test_ties_merge_by_hand():
@@ -302,6 +317,10 @@ def test_ties_merge_by_hand():
     merged = ties_merge_state_dicts(base, endpoints, density=0.5, scale=1.0)
     torch.testing.assert_close(merged["w"], torch.tensor([2.0, -2.0, 0.0, 0.0]))
     torch.testing.assert_close(merged["ids"], torch.arange(4))
+    # A density of 0.25 keeps the single largest magnitude of each: [0, -2, 0, 0] and [3, 0, 0, 0].
+    torch.testing.assert_close(
+        ties_merge_state_dicts(base, endpoints, density=0.25, scale=1.0)["w"], torch.tensor([3.0, -2.0, 0.0, 0.0])
+    )
     # With everything kept, one endpoint gives base + scale * tau.
     single = ties_merge_state_dicts({"w": torch.ones(3)}, [{"w": torch.tensor([2.0, 0.0, 1.0])}], density=1.0, scale=0.5)
     torch.testing.assert_close(single["w"], torch.tensor([1.5, 0.5, 1.0]))
@@ -541,7 +560,7 @@ def test_architecture_mismatch_names_keys(tiny_processor):
         )
 
 
-def test_fine_tuned_endpoint_stored_in_bfloat16_loads_in_float32(tiny_processor, tmp_path):
+def test_bfloat16_fine_tune_beside_float32_endpoints_loads_in_float32(tiny_processor, tmp_path):
     pretrained = make_clip(0)
     fine_tuned = [make_clip(10 + index, base=pretrained, noise=0.3) for index in range(2)]
     paths = []
