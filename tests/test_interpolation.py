@@ -87,6 +87,22 @@ def test_mixed_vision_tower_matches_per_sample_merges():
 
 
 @torch.no_grad()
+def test_mixed_conv_with_bias_matches_per_sample_merges():
+    # CLIP's patch embedding has no bias; other vision towers' convolutions do.
+    torch.manual_seed(1)
+    layers = [nn.Conv2d(3, 4, kernel_size=3, stride=2, bias=True) for _ in range(2)]
+    mixed, state = build_mixed_module(layers[0], layers[1:])
+    inputs = torch.randn(3, 3, 9, 9)
+    coefficients = torch.tensor([0.0, 0.4, 1.0])
+    state.set_coefficients(coefficients.unsqueeze(1))
+    outputs = mixed(inputs)
+    for index, alpha in enumerate(coefficients.tolist()):
+        merged = nn.Conv2d(3, 4, kernel_size=3, stride=2, bias=True)
+        merged.load_state_dict(interpolate_state_dicts(layers[0].state_dict(), layers[1].state_dict(), alpha))
+        torch.testing.assert_close(outputs[index], merged(inputs[index : index + 1])[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_mixed_module_several_task_vectors():
     torch.manual_seed(0)
     layers = [nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.LayerNorm(7), nn.Linear(7, 3)) for _ in range(3)]
