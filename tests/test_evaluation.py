@@ -71,6 +71,81 @@ def test_methods_match_direct_model_calls(tiny_model, sets):
     assert summarize(results, markdown=True).startswith("| Method |")
 
 
+@torch.no_grad()
+def test_summary_ood_average_and_best_alpha(tiny_model):
+    # Labels taken from the endpoints' own predictions make each endpoint perfect on its sets: the fine-tuned one
+    # on the ID set, the zero-shot one on both shifted sets. The ID accuracy then peaks at alpha = 1 and the OOD
+    # average at alpha = 0, so choosing the best alpha on the wrong sets changes the result.
+    generator = torch.Generator().manual_seed(11)
+    pixel_values = torch.randn(36, 3, 16, 16, generator=generator)
+    zero_shot_logits, fine_tuned_logits = tiny_model.endpoint_logits(pixel_values)
+    labels = torch.cat([fine_tuned_logits[:12].argmax(-1), zero_shot_logits[12:].argmax(-1)])
+    sets = [
+        tensor_set("id", pixel_values[:12], labels[:12], in_distribution=True),
+        tensor_set("shift_a", pixel_values[12:24], labels[12:24]),
+        tensor_set("shift_b", pixel_values[24:], labels[24:]),
+    ]
+    results = evaluate_pair(tiny_model, sets, EvaluationSettings(alphas=(0.0, 0.5, 1.0), progress=False))
+
+    sweep = results["wise_ft_sweep"]
+    assert sweep["alphas"] == [0.0, 0.5, 1.0]
+    accuracy = sweep["accuracy"]
+    assert accuracy["id"][2] == 1.0 > accuracy["id"][0]
+    ood_by_alpha = [(accuracy["shift_a"][i] + accuracy["shift_b"][i]) / 2 for i in range(3)]
+    assert sweep["ood_average"] == pytest.approx(ood_by_alpha)
+    assert ood_by_alpha[0] == 1.0 > ood_by_alpha[1]
+    assert sweep["best_alpha"] == 0.0
+    assert sweep["best_alpha_criterion"] == "OOD average accuracy"
+
+    for name in ("id", "shift_a", "shift_b"):
+        scores = results["sets"][name]["scores"]
+        assert scores["wise_ft_0.5"]["accuracy"] == pytest.approx(accuracy[name][1]), name
+        assert scores["wise_ft_best"]["accuracy"] == pytest.approx(accuracy[name][0]), name
+    for method, summary in results["summary"].items():
+        per_set = {name: results["sets"][name]["scores"][method]["accuracy"] for name in ("id", "shift_a", "shift_b")}
+        assert summary["id"] == per_set["id"], method
+        assert summary["ood_average"] == pytest.approx((per_set["shift_a"] + per_set["shift_b"]) / 2), method
+    assert results["summary"]["zero_shot"]["ood_average"] == 1.0 != results["summary"]["zero_shot"]["id"]
+
+
+class _RecordingState:
+    """A stand-in for one rank of a two-process run that records its collective calls."""
+
+    def __init__(self, rank: int, broadcast_value: dict):
+        self.is_main_process = rank == 0
+        self.broadcast_value = broadcast_value
+        self.calls = []
+
+    def run(self, step, function):
+        self.calls.append(("run", step))
+        return function()
+
+    def check_all_ranks(self, error, step):
+        self.calls.append(("check_all_ranks", step))
+
+    def broadcast_json(self, value, step):
+        self.calls.append(("broadcast_json", step, value))
+        return value if self.is_main_process else self.broadcast_value
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_set_level_fits_run_on_the_main_process_only(rank):
+    fits = []
+
+    def fit():
+        fits.append(rank)
+        return {"fitted_by": rank}
+
+    state = _RecordingState(rank, broadcast_value={"fitted_by": 0})
+    loaded = evaluation_module._fit_on_main(state, "the mixture fit", fit, lambda value: ("loaded", value))
+
+    # Every rank uses the main process's fit, received through the broadcast.
+    assert loaded == ("loaded", {"fitted_by": 0})
+    assert fits == ([0] if rank == 0 else [])
+    sent = {"fitted_by": 0} if rank == 0 else None
+    assert state.calls[-1] == ("broadcast_json", "the mixture fit", sent)
+
+
 def _stack(evaluation_set):
     chunks = list(evaluation_set.batches())
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

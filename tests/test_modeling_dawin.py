@@ -253,6 +253,11 @@ def test_mismatched_architectures_list_keys(tiny_endpoints, tiny_processor):
     extra_line = next(line for line in message.splitlines() if line.startswith("Extra"))
     keys = extra_line.split(": ", 1)[1].split(", ")
     assert keys == sorted(keys)
+    shape_line = next(line for line in message.splitlines() if line.startswith("Shape mismatches"))
+    entries = [entry for entry in shape_line.split("): ", 1)[1].split("; ") if not entry.startswith("...")]
+    shape_keys = [entry.split(": ", 1)[0] for entry in entries]
+    assert len(shape_keys) > 5
+    assert shape_keys == sorted(shape_keys)
 
 
 @pytest.mark.parametrize(
