@@ -326,6 +326,20 @@ def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_pa
     assert "extra_head.weight" in reports[0]
 
 
+def test_weights_unlike_their_config_name_the_report(tiny_pair_dirs, tiny_endpoints, tmp_path, load_reports):
+    state = {key: value.contiguous() for key, value in tiny_endpoints[1].state_dict().items()}
+    state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(65, 32)
+    mismatched = tmp_path / "mismatched"
+    tiny_endpoints[1].config.save_pretrained(mismatched)
+    save_file(state, mismatched / "model.safetensors")
+    with pytest.raises(ValueError, match="fine-tuned endpoint .* holds weights whose shapes differ from its config.json"):
+        DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], mismatched, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
+    # The report the error refers to was logged.
+    reports = [message for message in load_reports if "LOAD REPORT" in message]
+    assert len(reports) == 1
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in reports[0]
+
+
 def _pickle_only_checkpoint(model, folder):
     """Save `model` the old way: config.json and a pickled pytorch_model.bin, no safetensors file."""
     model.config.save_pretrained(folder)
@@ -355,6 +369,37 @@ def test_pickled_endpoint_loads_only_when_asked(tiny_pair_dirs, tiny_endpoints, 
     assert calls and all(call.get("weights_only") is True for call in calls)
     for key, value in tiny_endpoints[1].state_dict().items():
         assert torch.equal(model.fine_tuned.state_dict()[key], value), key
+
+
+def test_no_safetensors_hint_without_pickled_weights(tiny_pair_dirs, tiny_endpoints, tmp_path):
+    config_only = tmp_path / "config_only"
+    tiny_endpoints[1].config.save_pretrained(config_only)
+    with pytest.raises(OSError) as error:
+        DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], config_only, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
+    assert "use_safetensors" not in str(error.value)
+    assert "Pass a local directory saved with CLIPModel.save_pretrained" in str(error.value)
+
+
+def test_pickled_endpoint_in_hub_cache_gets_the_hint(tiny_pair_dirs, tiny_endpoints, tmp_path):
+    # A repository in the local Hub cache, as huggingface_hub lays it out: refs/main names the snapshot.
+    repository = tmp_path / "hub" / "models--my-org--clip-finetuned"
+    snapshot = repository / "snapshots" / ("0" * 40)
+    _pickle_only_checkpoint(tiny_endpoints[1], snapshot)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0" * 40)
+    with pytest.raises(OSError) as error:
+        DaWinCLIPModel.from_pretrained_pair(
+            tiny_pair_dirs[0], "my-org/clip-finetuned", class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+            cache_dir=tmp_path / "hub",
+        )  # fmt: skip
+    message = str(error.value)
+    assert "the Hub cache has no copy" not in message
+    assert "let transformers read its pytorch_model.bin" in message
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], "my-org/clip-finetuned", class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+        cache_dir=tmp_path / "hub", use_safetensors=None,
+    )  # fmt: skip
+    assert torch.equal(model.fine_tuned.text_projection.weight, tiny_endpoints[1].text_projection.weight)
 
 
 def test_saved_model_without_safetensors_needs_consent(tiny_model, tmp_path):

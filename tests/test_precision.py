@@ -1,6 +1,7 @@
 """Reduced-precision endpoints: float32 coefficients, agreement with float32, and unsupported dtypes."""
 
 import copy
+import json
 import logging
 
 import pytest
@@ -190,7 +191,7 @@ def test_endpoints_stored_in_different_dtypes_load_in_float32(tiny_pair_dirs, ti
             tiny_pair_dirs[0], half_dir, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES
         )
     assert "zero-shot float32, fine-tuned float16" in caplog.text
-    assert "the fine-tuned endpoint is loaded in float32" in caplog.text
+    assert "every endpoint loaded from a path is loaded in float32" in caplog.text
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
     # The float16 weights are cast exactly: the loaded endpoint equals the rounded original.
     expected = copy.deepcopy(tiny_endpoints[1]).half().float().state_dict()
@@ -210,3 +211,28 @@ def test_loaded_endpoints_in_different_dtypes_name_the_fix(tiny_endpoints, tiny_
     assert "dtype=torch.float32" in message
     assert "share an architecture" not in message
     assert zero_shot.text_projection.weight.dtype == torch.float32  # the caller's models are not cast
+
+
+def test_stored_dtype_read_from_weights_without_config_dtype(tiny_pair_dirs, tiny_endpoints, tmp_path):
+    # Without a dtype in config.json, transformers loads the weights' own dtype, which the safetensors header gives.
+    half_dir = tmp_path / "fine_tuned_float16"
+    copy.deepcopy(tiny_endpoints[1]).half().save_pretrained(half_dir, max_shard_size="50KB")
+    config = json.loads((half_dir / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (half_dir / "config.json").write_text(json.dumps(config))
+    assert (half_dir / "model.safetensors.index.json").is_file()
+
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], half_dir, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES
+    )
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+
+
+def test_torch_dtype_is_honoured_like_dtype(tiny_pair_dirs, tiny_endpoints, tmp_path):
+    half_dir = tmp_path / "fine_tuned_float16"
+    copy.deepcopy(tiny_endpoints[1]).half().save_pretrained(half_dir)
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], half_dir, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, torch_dtype=torch.bfloat16
+    )
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}

@@ -117,7 +117,8 @@ def add_dtype_argument(parser: argparse.ArgumentParser, float32_outputs: str) ->
         "--dtype", choices=sorted(DTYPE_NAMES),
         help=(
             f"Load the endpoints in this dtype. {float32_outputs} stay float32. Default: the dtype of "
-            "`accelerate launch --mixed_precision` (bf16 or fp16), else float32."
+            "`accelerate launch --mixed_precision` (bf16 or fp16), else the dtype the endpoints were saved in "
+            "(float32 when they were saved in different ones)."
         ),
     )  # fmt: skip
 
@@ -140,7 +141,9 @@ def weights_format(arguments) -> dict:
 
 
 def evaluation_dtype(requested: str | None) -> torch.dtype | None:
-    """Return the dtype to load the endpoints in: `--dtype`, else Accelerate's mixed precision, else None (float32).
+    """Return the dtype to load the endpoints in: `--dtype`, else Accelerate's mixed precision, else None.
+
+    None keeps the dtype the endpoints were saved in (float32 when they were saved in different ones).
 
     `accelerate launch --mixed_precision bf16` (or fp16) sets `ACCELERATE_MIXED_PRECISION`. DaWin runs inference
     only, so the request is honoured by loading the weights in that dtype rather than by autocast.

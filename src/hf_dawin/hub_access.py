@@ -15,12 +15,13 @@ import huggingface_hub
 from huggingface_hub.file_download import repo_folder_name
 
 
-__all__ = ["PROBE_TIMEOUT_SECONDS", "check_hub_reachable"]
+__all__ = ["PROBE_TIMEOUT_SECONDS", "check_hub_reachable", "in_hub_cache"]
 
 PROBE_TIMEOUT_SECONDS = 5.0
 
 
-def _in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | os.PathLike | None) -> bool:
+def in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | os.PathLike | None) -> bool:
+    """Return whether the Hub cache holds a snapshot of the repository."""
     cache = Path(cache_dir) if cache_dir is not None else Path(huggingface_hub.constants.HF_HUB_CACHE)
     return (cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots").is_dir()
 
@@ -51,7 +52,7 @@ def check_hub_reachable(
     """
     if not isinstance(source, str) or local_files_only or huggingface_hub.constants.is_offline_mode():
         return
-    if Path(source).expanduser().exists() or _in_hub_cache(source, repo_type, cache_dir):
+    if Path(source).expanduser().exists() or in_hub_cache(source, repo_type, cache_dir):
         return
     endpoint = huggingface_hub.constants.ENDPOINT
     url = f"{endpoint}/api/{repo_type}s/{source}"

@@ -142,7 +142,8 @@ def check_compatible_state_dicts(
             f"The {reference_name} and {other_name} endpoints hold their weights in different dtypes "
             f"({reference_name} vs {other_name}: {'; '.join(pairs)}, in {len(dtype_differences)} of {len(shared)} "
             "tensors), so their weights cannot be interpolated. Cast them to one dtype: pass dtype=torch.float32 "
-            "(or the dtype you want) when building the DaWin model, or call .to(dtype) on the CLIPModels you pass in."
+            "(or the dtype you want) when building the DaWin model (on the command line: --dtype float32), or call "
+            ".to(dtype) on the CLIPModels you pass in."
         )
     lines = [
         f"The {reference_name} and {other_name} endpoints do not share an architecture, so their weights "

@@ -7,7 +7,6 @@ endpoint by lambda(x) = sigmoid(H_0(x) - H_1(x)), where H_m is the entropy of en
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import os
@@ -35,7 +34,7 @@ from .coefficients import (
 )
 from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
 from .heads import build_zero_shot_head, check_class_names, linear_head_from
-from .hub_access import check_hub_reachable
+from .hub_access import check_hub_reachable, in_hub_cache
 from .interpolation import (
     build_merged_module,
     build_mixed_module,
@@ -43,6 +42,14 @@ from .interpolation import (
     check_compatible_state_dicts,
     format_listed,
     merge_task_vectors,
+)
+from .loading import (
+    common_dtype,
+    held_load_reports,
+    log_load_reports,
+    safetensors_hint,
+    safetensors_only,
+    stored_dtype,
 )
 from .mixture import BetaMixture
 from .placement import (
@@ -530,8 +537,8 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         except OSError as error:
             raise OSError(
                 f"Could not load a DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{_load_error_text(error, pretrained_model_name_or_path)}."
-                f"{safetensors_hint(error, kwargs) or _offline_note()} Pass a folder written by "
+                f"{_load_error_text(error, pretrained_model_name_or_path, kwargs)}."
+                f"{safetensors_hint(error, kwargs, pretrained_model_name_or_path) or _offline_note()} Pass a folder written by "
                 "DaWinCLIPModel.save_pretrained or a Hub id reachable from this machine."
             ) from error
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
@@ -959,32 +966,12 @@ def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -
     )
 
 
-def safetensors_only(kwargs: dict) -> dict:
-    """Return `from_pretrained` arguments that load weights from safetensors files only, unless `use_safetensors` is set.
-
-    Without this, transformers falls back to `pytorch_model.bin`, a pickle, which it reads with
-    `torch.load(weights_only=True)`. A pickle is read only when the caller passes `use_safetensors=None` or `False`.
-    """
-    return {"use_safetensors": True, **kwargs}
-
-
-def safetensors_hint(error: Exception, kwargs: dict) -> str:
-    """Return the advice for a checkpoint without safetensors weights, or "" when `error` is about something else."""
-    if kwargs.get("use_safetensors") is not True or "safetensors" not in str(error):
-        return ""
-    return (
-        " hf_dawin loads weights from safetensors files only, unless asked otherwise. If you trust this checkpoint, "
-        "pass use_safetensors=None to fall back to its pytorch_model.bin, which transformers loads with "
-        "torch.load(weights_only=True) (on the command line: --allow-torch-load), or convert it to safetensors."
-    )
-
-
 def _endpoint_load_error(error: OSError, endpoint, name: str, load_kwargs: dict) -> OSError:
-    advice = safetensors_hint(error, load_kwargs) or (
+    advice = safetensors_hint(error, load_kwargs, endpoint) or (
         f"{_offline_note()} Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from "
         "this machine, or a loaded CLIPModel."
     )
-    return OSError(f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint)}.{advice}")
+    return OSError(f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint, load_kwargs)}.{advice}")
 
 
 def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None:
@@ -1018,85 +1005,26 @@ def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None
     return config_dict
 
 
-@contextlib.contextmanager
-def _held_load_reports():
-    """Hold back the load reports that transformers logs while the block runs; yield the list that collects them.
-
-    A report of missing weights ends with advice to train the model, which does not apply to an endpoint: the
-    caller raises its own error instead and logs the held reports only when it does not.
-    """
-    source = logging.get_logger("transformers.modeling_utils")
-    reports = []
-
-    def hold(record) -> bool:
-        if "LOAD REPORT" in record.getMessage():
-            reports.append(record)
-            return False
-        return True
-
-    source.addFilter(hold)
-    try:
-        yield reports
-    finally:
-        source.removeFilter(hold)
-
-
 def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
     """Load one endpoint checked by `_read_endpoint_config`; return it with its Hub id or path."""
     if isinstance(endpoint, CLIPModel):
         return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
     try:
-        with _held_load_reports() as reports:
+        with held_load_reports() as reports:
             model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
     except OSError as error:
         raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
+    except RuntimeError as error:
+        if "mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(
+            f"The {name} endpoint at {str(endpoint)!r} holds weights whose shapes differ from its config.json; the "
+            "load report above lists them as MISMATCH. Pass a checkpoint whose config.json describes its weights."
+        ) from error
     _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
     # Complete checkpoint: other findings, such as unexpected keys, are still worth reading.
-    for record in reports:
-        logging.get_logger("transformers.modeling_utils").handle(record)
+    log_load_reports(reports)
     return model, str(endpoint)
-
-
-def _stored_dtype(endpoint, config_dict: dict | None) -> torch.dtype | None:
-    """Return the dtype transformers loads an endpoint in by default: its parameters' dtype or its config's.
-
-    None when the config names no dtype; transformers then takes the dtype of the stored weights.
-    """
-    if isinstance(endpoint, CLIPModel):
-        return next((p.dtype for p in endpoint.parameters() if p.is_floating_point()), None)
-    name = (config_dict or {}).get("dtype") or (config_dict or {}).get("torch_dtype")
-    try:
-        return resolve_dtype(name) if isinstance(name, str) else None
-    except ValueError:
-        return None
-
-
-def _common_dtype(stored: Mapping[str, torch.dtype | None], from_path: Mapping[str, bool]) -> torch.dtype | None:
-    """Return the dtype to load the endpoints from a path in, when the endpoints are stored in different dtypes.
-
-    The dtype represents every stored dtype exactly: float32 for float16 with bfloat16. Endpoints
-    passed in as loaded models keep their dtype. Returns None when the dtypes agree, are unknown, or no endpoint
-    loaded from a path would change.
-    """
-    known = [value for value in stored.values() if value is not None]
-    if len(set(known)) < 2:
-        return None
-    common = known[0]
-    for value in known[1:]:
-        common = torch.promote_types(common, value)
-    changed = [name for name, value in stored.items() if from_path[name] and value is not None and value != common]
-    if not changed:
-        return None
-    listed = ", ".join(f"{name} {str(value).removeprefix('torch.')}" for name, value in stored.items() if value is not None)
-    logger.warning(
-        "The endpoints are stored in different dtypes (%s), so the %s endpoint%s loaded in %s. Pass dtype= to "
-        "choose the dtype of every endpoint.",
-        listed,
-        ", ".join(changed),
-        " is" if len(changed) == 1 else "s are",
-        str(common).removeprefix("torch."),
-    )
-    return common
 
 
 def _load_endpoints(
@@ -1132,11 +1060,15 @@ def _load_endpoints(
         check_module_device_map(device_map, f"{name} endpoint")
         check_devices_available(device_map, f"{name} endpoint")
         config_dicts[name] = _read_endpoint_config(endpoint, name, load_kwargs)
+    if dtype is None and load_kwargs.get("torch_dtype") is not None:
+        # The older name of `dtype`: transformers ignores it once `dtype` is set below.
+        dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
+        load_kwargs["dtype"] = dtype
     if dtype is None:
         # transformers loads each checkpoint in the dtype it was saved in. Endpoints saved in different dtypes
         # are loaded in one dtype instead, so that their weights can be interpolated.
-        common = _common_dtype(
-            {name: _stored_dtype(endpoint, config_dicts[name]) for name, endpoint, _ in entries},
+        common = common_dtype(
+            {name: stored_dtype(endpoint, config_dicts[name], load_kwargs) for name, endpoint, _ in entries},
             {name: config_dicts[name] is not None for name, _, _ in entries},
         )
         if common is not None:
@@ -1164,13 +1096,17 @@ def _load_endpoints(
     return loaded
 
 
-def _load_error_text(error: OSError, source) -> str:
+def _load_error_text(error: OSError, source, load_kwargs: dict | None = None) -> str:
     """Return the reason of a failed load in one sentence, without transformers' advice to check the connection.
 
-    In offline mode a source that is not a local folder was looked up in the Hub cache only, so "check your
-    internet connection" would mislead.
+    In offline mode a source that is neither a local folder nor in the Hub cache was looked up in the cache only,
+    so "check your internet connection" would mislead.
     """
-    if huggingface_hub.constants.is_offline_mode() and not Path(str(source)).expanduser().exists():
+    if (
+        huggingface_hub.constants.is_offline_mode()
+        and not Path(str(source)).expanduser().exists()
+        and not in_hub_cache(str(source), "model", (load_kwargs or {}).get("cache_dir"))
+    ):
         return "it is not a local folder, and the Hub cache has no copy of it"
     return " ".join(str(error).split()).rstrip(".")
 

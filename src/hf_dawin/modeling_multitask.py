@@ -57,9 +57,8 @@ from .modeling_dawin import (
     batch_pixel_values,
     check_label_indices,
     check_local_folder,
-    safetensors_hint,
-    safetensors_only,
 )
+from .loading import safetensors_hint, safetensors_only
 from .placement import (
     check_devices_available,
     check_max_memory_devices,
@@ -474,9 +473,9 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         except OSError as error:
             raise OSError(
                 f"Could not load a multi-task DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{_load_error_text(error, pretrained_model_name_or_path)}."
-                f"{safetensors_hint(error, kwargs) or _offline_note()} Pass a folder written by "
-                "DaWinMultiTaskCLIPModel.save_pretrained or a Hub id reachable from this machine."
+                f"{_load_error_text(error, pretrained_model_name_or_path, kwargs)}."
+                f"{safetensors_hint(error, kwargs, pretrained_model_name_or_path) or _offline_note()} Pass a folder "
+                "written by DaWinMultiTaskCLIPModel.save_pretrained or a Hub id reachable from this machine."
             ) from error
         # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
         model.config.check_settings()
