@@ -523,24 +523,15 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             kwargs.get("device_map"), "DaWin model", container="a DaWinCLIPModel",
             modules=("zero_shot", "fine_tuned", "zero_shot_head", "fine_tuned_head"),
         )  # fmt: skip
-        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
-        check_hub_reachable(
-            pretrained_model_name_or_path,
-            cache_dir=kwargs.get("cache_dir"),
-            local_files_only=kwargs.get("local_files_only", False),
-        )
+        writer = f"{cls.__name__}.save_pretrained"
+        check_source_loadable(pretrained_model_name_or_path, writer, kwargs)
         try:
             cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
             if "class_names" in kwargs:
                 _check_class_names_override(pretrained_model_name_or_path, kwargs)
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
-            raise OSError(
-                f"Could not load a DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{_load_error_text(error, pretrained_model_name_or_path, kwargs)}."
-                f"{safetensors_hint(error, kwargs, pretrained_model_name_or_path) or _offline_note()} Pass a folder written by "
-                "DaWinCLIPModel.save_pretrained or a Hub id reachable from this machine."
-            ) from error
+            raise saved_model_load_error(error, pretrained_model_name_or_path, kwargs, "a DaWin model", writer) from error
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
         # before the first image.
         model.config.check_settings()
@@ -906,6 +897,31 @@ def check_local_folder(source, writer: str) -> None:
         )
 
 
+def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
+    """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
+
+    `writer` names the method that writes such folders, for the message.
+    """
+    check_local_folder(source, writer)
+    check_hub_reachable(
+        source,
+        cache_dir=load_kwargs.get("cache_dir"),
+        local_files_only=load_kwargs.get("local_files_only", False),
+    )
+
+
+def saved_model_load_error(error: OSError, source, load_kwargs: Mapping, description: str, writer: str) -> OSError:
+    """Return the error for a saved DaWin model that failed to load: the reason and what to pass instead.
+
+    `description` names what was loaded (for example "a DaWin model") and `writer` the method that saves it.
+    """
+    return OSError(
+        f"Could not load {description} from {str(source)!r}: {_load_error_text(error, source, load_kwargs)}."
+        f"{safetensors_hint(error, load_kwargs, source) or _offline_note()} Pass a folder written by {writer} or a "
+        "Hub id reachable from this machine."
+    )
+
+
 def _saved_config_dict(source, load_kwargs: dict) -> dict:
     """Read the config.json of a local folder or Hub repository with the Hub arguments of `load_kwargs`."""
     names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -991,12 +1007,7 @@ def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None
             f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
             f"{type(endpoint).__name__}."
         )
-    check_local_folder(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)")
-    check_hub_reachable(
-        endpoint,
-        cache_dir=load_kwargs.get("cache_dir"),
-        local_files_only=load_kwargs.get("local_files_only", False),
-    )
+    check_source_loadable(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)", load_kwargs)
     try:
         config_dict = _saved_config_dict(endpoint, load_kwargs)
     except OSError as error:

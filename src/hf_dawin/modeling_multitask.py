@@ -36,7 +36,6 @@ from .configuration_multitask import (
     check_task,
 )
 from .heads import build_zero_shot_head
-from .hub_access import check_hub_reachable
 from .interpolation import (
     MixingState,
     build_mixed_module,
@@ -49,16 +48,15 @@ from .modeling_dawin import (
     CLIPImageClassifier,
     DaWinCLIPPreTrainedModel,
     _load_endpoints,
-    _load_error_text,
     _load_processor,
-    _offline_note,
     _make_head,
     _run_on_own_device,
     batch_pixel_values,
     check_label_indices,
-    check_local_folder,
+    check_source_loadable,
+    saved_model_load_error,
 )
-from .loading import safetensors_hint, safetensors_only
+from .loading import safetensors_only
 from .placement import (
     check_devices_available,
     check_max_memory_devices,
@@ -453,12 +451,8 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         Weights load from safetensors files only unless `use_safetensors=None` or `False` is passed.
         """
         kwargs = safetensors_only(kwargs)
-        check_local_folder(pretrained_model_name_or_path, f"{cls.__name__}.save_pretrained")
-        check_hub_reachable(
-            pretrained_model_name_or_path,
-            cache_dir=kwargs.get("cache_dir"),
-            local_files_only=kwargs.get("local_files_only", False),
-        )
+        writer = f"{cls.__name__}.save_pretrained"
+        check_source_loadable(pretrained_model_name_or_path, writer, kwargs)
         cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         check_devices_available(kwargs.get("device_map"), "multi-task DaWin model")
         check_max_memory_devices(kwargs.get("max_memory"), "multi-task DaWin model")
@@ -471,12 +465,8 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
-            raise OSError(
-                f"Could not load a multi-task DaWin model from {str(pretrained_model_name_or_path)!r}: "
-                f"{_load_error_text(error, pretrained_model_name_or_path, kwargs)}."
-                f"{safetensors_hint(error, kwargs, pretrained_model_name_or_path) or _offline_note()} Pass a folder "
-                "written by DaWinMultiTaskCLIPModel.save_pretrained or a Hub id reachable from this machine."
-            ) from error
+            description = "a multi-task DaWin model"
+            raise saved_model_load_error(error, pretrained_model_name_or_path, kwargs, description, writer) from error
         # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
         model.config.check_settings()
         model.resolve_task(None)
