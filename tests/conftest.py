@@ -1,6 +1,7 @@
 """Shared fixtures: tiny CLIP endpoints, a tiny real CLIP tokenizer, and offline settings."""
 
 import json
+import logging
 import os
 
 # Tests never reach the Hub: a miss fails at once instead of retrying.
@@ -109,3 +110,22 @@ def tiny_model(tiny_pair_dirs):
 def pixel_values():
     generator = torch.Generator().manual_seed(123)
     return torch.randn(6, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
+
+
+class RecordWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def transformers_warnings():
+    """Warnings and errors logged by transformers (its logger does not propagate to pytest's caplog)."""
+    handler = RecordWarnings()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    yield handler.messages
+    root.removeHandler(handler)

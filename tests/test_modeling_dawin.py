@@ -1,6 +1,5 @@
 """DaWinCLIPModel: exactness of per-sample interpolation, modes, persistence and bad input."""
 
-import logging
 
 import numpy as np
 import pytest
@@ -287,26 +286,7 @@ def test_missing_keys_reported(tiny_endpoints, tiny_processor):
         )
 
 
-class _RecordList(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture()
-def load_reports():
-    """Messages that transformers logs while loading weights, whatever its handlers and propagation."""
-    handler = _RecordList()
-    source = logging.getLogger("transformers.modeling_utils")
-    source.addHandler(handler)
-    yield handler.messages
-    source.removeHandler(handler)
-
-
-def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_path, load_reports):
+def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_path, transformers_warnings):
     # transformers' own report of the missing weights advises training, so only hf_dawin's error is shown.
     state = {key: value.contiguous() for key, value in tiny_endpoints[1].state_dict().items()}
     partial = tmp_path / "partial"
@@ -314,19 +294,19 @@ def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_pa
     save_file({key: value for key, value in state.items() if "text_model.encoder" not in key}, partial / "model.safetensors")
     with pytest.raises(ValueError, match="lacks 32 CLIPModel weights"):
         DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], partial, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
-    assert not [message for message in load_reports if "LOAD REPORT" in message]
+    assert not [message for message in transformers_warnings if "LOAD REPORT" in message]
 
     # A complete checkpoint with an extra tensor still gets transformers' report of the unexpected key.
     extra = tmp_path / "extra"
     tiny_endpoints[1].config.save_pretrained(extra)
     save_file({**state, "extra_head.weight": torch.zeros(3, 3)}, extra / "model.safetensors")
     DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], extra, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
-    reports = [message for message in load_reports if "LOAD REPORT" in message]
+    reports = [message for message in transformers_warnings if "LOAD REPORT" in message]
     assert len(reports) == 1
     assert "extra_head.weight" in reports[0]
 
 
-def test_weights_unlike_their_config_name_the_report(tiny_pair_dirs, tiny_endpoints, tmp_path, load_reports):
+def test_weights_unlike_their_config_name_the_report(tiny_pair_dirs, tiny_endpoints, tmp_path, transformers_warnings):
     state = {key: value.contiguous() for key, value in tiny_endpoints[1].state_dict().items()}
     state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(65, 32)
     mismatched = tmp_path / "mismatched"
@@ -335,7 +315,7 @@ def test_weights_unlike_their_config_name_the_report(tiny_pair_dirs, tiny_endpoi
     with pytest.raises(ValueError, match="fine-tuned endpoint .* holds weights whose shapes differ from its config.json"):
         DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], mismatched, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
     # The report the error refers to was logged.
-    reports = [message for message in load_reports if "LOAD REPORT" in message]
+    reports = [message for message in transformers_warnings if "LOAD REPORT" in message]
     assert len(reports) == 1
     assert "vision_model.encoder.layers.0.mlp.fc1.weight" in reports[0]
 

@@ -1,7 +1,5 @@
 """`pipeline("image-classification")` on DaWin models: saved folders, model objects, modes and awkward images."""
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -38,25 +36,6 @@ def saved_dir(pair_model, tmp_path_factory):
 def calibration_pixels():
     generator = torch.Generator().manual_seed(5)
     return torch.randn(24, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
-
-
-class RecordWarnings(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture()
-def transformers_warnings():
-    """Warnings and errors logged by transformers (its logger does not propagate to pytest's caplog)."""
-    handler = RecordWarnings()
-    root = logging.getLogger("transformers")
-    root.addHandler(handler)
-    yield handler.messages
-    root.removeHandler(handler)
 
 
 def expected_scores(model, image, mode=None):
