@@ -88,7 +88,7 @@ def test_oracle_and_output_ensemble_by_hand():
     torch.testing.assert_close(mixed, torch.tensor([[0.75 * 0.75 + 0.25 * 0.5, 0.75 * 0.25 + 0.25 * 0.5]]))
 
 
-def test_oracle_and_output_ensemble_with_temperatures_by_hand():
+def test_oracle_ensemble_temperatures_by_hand():
     # Zero-shot logits (2 log 3, 0) at temperature 2 give p_0 = (0.75, 0.25); fine-tuned logits (0, log 3) at
     # temperature 0.5 give p_1 = (0.1, 0.9).
     zero_shot_logits = torch.tensor([[2 * math.log(3.0), 0.0]])
@@ -102,7 +102,7 @@ def test_oracle_and_output_ensemble_with_temperatures_by_hand():
     torch.testing.assert_close(mixed, torch.tensor([[0.75 * 0.75 + 0.25 * 0.1, 0.75 * 0.25 + 0.25 * 0.9]]))
 
 
-def test_entropy_of_bfloat16_logits_is_computed_in_float32():
+def test_bfloat16_entropy_in_float32():
     logits = (torch.randn(64, 10, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
     expected = entropy(logits.float())
     actual = entropy(logits)

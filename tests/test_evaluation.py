@@ -72,7 +72,7 @@ def test_methods_match_direct_model_calls(tiny_model, sets):
 
 
 @torch.no_grad()
-def test_summary_ood_average_and_best_alpha(tiny_model):
+def test_summary_ood_average_best_alpha(tiny_model):
     # Labels taken from the endpoints' own predictions make each endpoint perfect on its sets: the fine-tuned one
     # on the ID set, the zero-shot one on both shifted sets. The ID accuracy then peaks at alpha = 1 and the OOD
     # average at alpha = 0, so choosing the best alpha on the wrong sets changes the result.
@@ -90,10 +90,12 @@ def test_summary_ood_average_and_best_alpha(tiny_model):
     sweep = results["wise_ft_sweep"]
     assert sweep["alphas"] == [0.0, 0.5, 1.0]
     accuracy = sweep["accuracy"]
-    assert accuracy["id"][2] == 1.0 > accuracy["id"][0]
+    assert accuracy["id"][2] == 1.0
+    assert accuracy["id"][0] < 1.0
     ood_by_alpha = [(accuracy["shift_a"][i] + accuracy["shift_b"][i]) / 2 for i in range(3)]
     assert sweep["ood_average"] == pytest.approx(ood_by_alpha)
-    assert ood_by_alpha[0] == 1.0 > ood_by_alpha[1]
+    assert ood_by_alpha[0] == 1.0
+    assert ood_by_alpha[1] < 1.0
     assert sweep["best_alpha"] == 0.0
     assert sweep["best_alpha_criterion"] == "OOD average accuracy"
 
@@ -105,7 +107,8 @@ def test_summary_ood_average_and_best_alpha(tiny_model):
         per_set = {name: results["sets"][name]["scores"][method]["accuracy"] for name in ("id", "shift_a", "shift_b")}
         assert summary["id"] == per_set["id"], method
         assert summary["ood_average"] == pytest.approx((per_set["shift_a"] + per_set["shift_b"]) / 2), method
-    assert results["summary"]["zero_shot"]["ood_average"] == 1.0 != results["summary"]["zero_shot"]["id"]
+    assert results["summary"]["zero_shot"]["ood_average"] == 1.0
+    assert results["summary"]["zero_shot"]["id"] != 1.0
 
 
 class _RecordingState:
@@ -129,7 +132,7 @@ class _RecordingState:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_set_level_fits_run_on_the_main_process_only(rank):
+def test_fits_run_on_main_process(rank):
     fits = []
 
     def fit():
@@ -388,7 +391,7 @@ def test_cli_dtype_from_flag_or_accelerate(tiny_pair_dirs, tmp_path, monkeypatch
     assert settings["seed"] == 0
 
 
-def test_cli_loads_pickled_endpoint_only_with_flag(tiny_pair_dirs, tiny_endpoints, tmp_path, capsys):
+def test_cli_pickled_endpoint_needs_flag(tiny_pair_dirs, tiny_endpoints, tmp_path, capsys):
     pickled = tmp_path / "fine_tuned_bin"
     tiny_endpoints[1].config.save_pretrained(pickled)
     torch.save(tiny_endpoints[1].state_dict(), pickled / "pytorch_model.bin")

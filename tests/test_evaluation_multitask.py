@@ -220,7 +220,7 @@ def test_command_loads_requested_dtype(model, tmp_path):
     assert settings["num_processes"] == 1
 
 
-def test_command_loads_pickled_model_only_with_flag(model, tmp_path, capsys):
+def test_command_pickled_model_needs_flag(model, tmp_path, capsys):
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     state = load_file(folder / "model.safetensors")

@@ -87,8 +87,8 @@ def test_mixed_vision_tower_matches_per_sample_merges():
 
 
 @torch.no_grad()
-def test_mixed_conv_with_bias_matches_per_sample_merges():
-    # CLIP's patch embedding has no bias; other vision towers' convolutions do.
+def test_mixed_conv_bias_matches_merges():
+    # CLIP's patch embedding has no bias, but the convolutions of other vision towers do.
     torch.manual_seed(1)
     layers = [nn.Conv2d(3, 4, kernel_size=3, stride=2, bias=True) for _ in range(2)]
     mixed, state = build_mixed_module(layers[0], layers[1:])

@@ -29,7 +29,7 @@ def test_common_dtype(stored, from_path, expected, caplog):
     assert ("every endpoint loaded from a path is loaded in float32" in caplog.text) == (expected is not None)
 
 
-def test_stored_dtype_from_config_weights_or_model(tmp_path):
+def test_stored_dtype_sources(tmp_path):
     assert stored_dtype(make_clip(0).to(torch.bfloat16), None, {}) == torch.bfloat16
     assert stored_dtype("unused", {"torch_dtype": "float16"}, {}) == torch.float16
     assert stored_dtype("unused", {"dtype": "float32", "torch_dtype": "float16"}, {}) == torch.float32
@@ -48,7 +48,7 @@ def test_stored_dtype_reads_the_first_shard(tmp_path):
     assert stored_dtype(tmp_path, {}, {}) == torch.bfloat16
 
 
-def test_safetensors_hint_only_when_pickled_weights_may_exist(tmp_path):
+def test_hint_needs_pickled_weights(tmp_path):
     error = OSError("Error no file named model.safetensors found in directory")
     kwargs = safetensors_only({})
     assert kwargs == {"use_safetensors": True}

@@ -86,7 +86,8 @@ def test_fixed_weight_modes(tiny_model, pixel_values):
     assert (static.logits - explicit_merged_logits(tiny_model, pixel_values, 0.3)).abs().max().item() < 1e-4
     assert torch.all(static.coefficients == 0.3)
     default_alpha = tiny_model(pixel_values=pixel_values, mode="static")
-    assert tiny_model.config.alpha == 0.5 == DaWinCLIPConfig().alpha
+    assert tiny_model.config.alpha == 0.5
+    assert DaWinCLIPConfig().alpha == 0.5
     assert torch.all(default_alpha.coefficients == 0.5)
     # The ends of the static path are the endpoints themselves.
     torch.testing.assert_close(tiny_model(pixel_values=pixel_values, mode="static", alpha=0.0).logits, zero_shot_logits)
@@ -108,7 +109,8 @@ def test_mixture_mode_uses_component_models(tiny_model, pixel_values):
         tiny_model(pixel_values=pixel_values, mode="mixture")
     sample_outputs = tiny_model(pixel_values=pixel_values, mode="sample")
     mixture = tiny_model.fit_mixture(sample_outputs.coefficients, n_components=2)
-    assert len(mixture.component_means) == 2 != tiny_model.config.n_components
+    assert tiny_model.config.n_components != 2
+    assert len(mixture.component_means) == 2
     outputs = tiny_model(pixel_values=pixel_values, mode="mixture")
     means = torch.as_tensor(mixture.component_means, dtype=torch.float32)
     torch.testing.assert_close(outputs.coefficients, means[outputs.mixture_components])
@@ -306,13 +308,13 @@ def test_incomplete_endpoint_reports_once(tiny_pair_dirs, tiny_endpoints, tmp_pa
     assert "extra_head.weight" in reports[0]
 
 
-def test_weights_unlike_their_config_name_the_report(tiny_pair_dirs, tiny_endpoints, tmp_path, transformers_warnings):
+def test_mismatched_weight_shapes_raise(tiny_pair_dirs, tiny_endpoints, tmp_path, transformers_warnings):
     state = {key: value.contiguous() for key, value in tiny_endpoints[1].state_dict().items()}
     state["vision_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(65, 32)
     mismatched = tmp_path / "mismatched"
     tiny_endpoints[1].config.save_pretrained(mismatched)
     save_file(state, mismatched / "model.safetensors")
-    with pytest.raises(ValueError, match="fine-tuned endpoint .* holds weights whose shapes differ from its config.json"):
+    with pytest.raises(ValueError, match="fine-tuned endpoint .* contains weights whose shapes differ from its config.json"):
         DaWinCLIPModel.from_pretrained_pair(tiny_pair_dirs[0], mismatched, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES)
     # The report the error refers to was logged.
     reports = [message for message in transformers_warnings if "LOAD REPORT" in message]
@@ -327,7 +329,7 @@ def _pickle_only_checkpoint(model, folder):
     return folder
 
 
-def test_pickled_endpoint_loads_only_when_asked(tiny_pair_dirs, tiny_endpoints, tmp_path, monkeypatch):
+def test_pickled_endpoint_needs_opt_in(tiny_pair_dirs, tiny_endpoints, tmp_path, monkeypatch):
     pickled = _pickle_only_checkpoint(tiny_endpoints[1], tmp_path / "fine_tuned_bin")
     calls = []
     original_load = torch.load
@@ -346,12 +348,13 @@ def test_pickled_endpoint_loads_only_when_asked(tiny_pair_dirs, tiny_endpoints, 
     model = DaWinCLIPModel.from_pretrained_pair(
         tiny_pair_dirs[0], pickled, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, use_safetensors=None
     )
-    assert calls and all(call.get("weights_only") is True for call in calls)
+    assert calls
+    assert all(call.get("weights_only") is True for call in calls)
     for key, value in tiny_endpoints[1].state_dict().items():
         assert torch.equal(model.fine_tuned.state_dict()[key], value), key
 
 
-def test_no_safetensors_hint_without_pickled_weights(tiny_pair_dirs, tiny_endpoints, tmp_path):
+def test_no_hint_without_pickled_weights(tiny_pair_dirs, tiny_endpoints, tmp_path):
     config_only = tmp_path / "config_only"
     tiny_endpoints[1].config.save_pretrained(config_only)
     with pytest.raises(OSError) as error:
@@ -360,7 +363,7 @@ def test_no_safetensors_hint_without_pickled_weights(tiny_pair_dirs, tiny_endpoi
     assert "Pass a local directory saved with CLIPModel.save_pretrained" in str(error.value)
 
 
-def test_pickled_endpoint_in_hub_cache_gets_the_hint(tiny_pair_dirs, tiny_endpoints, tmp_path):
+def test_cached_pickled_endpoint_gets_hint(tiny_pair_dirs, tiny_endpoints, tmp_path):
     # A repository in the local Hub cache, as huggingface_hub lays it out: refs/main names the snapshot.
     repository = tmp_path / "hub" / "models--my-org--clip-finetuned"
     snapshot = repository / "snapshots" / ("0" * 40)
@@ -382,7 +385,7 @@ def test_pickled_endpoint_in_hub_cache_gets_the_hint(tiny_pair_dirs, tiny_endpoi
     assert torch.equal(model.fine_tuned.text_projection.weight, tiny_endpoints[1].text_projection.weight)
 
 
-def test_saved_model_without_safetensors_needs_consent(tiny_model, tmp_path):
+def test_pickled_saved_model_needs_opt_in(tiny_model, tmp_path):
     folder = tmp_path / "saved"
     tiny_model.save_pretrained(folder)
     state = load_file(folder / "model.safetensors")
@@ -453,7 +456,7 @@ def test_offset_adjustment_needs_statistics(tiny_model, pixel_values):
 
 
 @torch.no_grad()
-def test_temperatures_reach_entropies_coefficients_and_ensemble(tiny_pair_dirs, pixel_values):
+def test_temperatures_reach_every_output(tiny_pair_dirs, pixel_values):
     model = DaWinCLIPModel.from_pretrained_pair(
         tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
         temperatures=(2.0, 0.5),
@@ -477,7 +480,7 @@ def test_temperatures_reach_entropies_coefficients_and_ensemble(tiny_pair_dirs, 
 
 
 @torch.no_grad()
-def test_offset_adjustment_uses_calibrated_or_given_statistics(tiny_model, pixel_values):
+def test_offset_statistics_calibrated_or_given(tiny_model, pixel_values):
     tiny_model.config.offset_adjustment = True
     tiny_model.calibrate([pixel_values[:4]])
     stored = tiny_model.stored_entropy_statistics()

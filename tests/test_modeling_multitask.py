@@ -301,7 +301,7 @@ def test_ties_mode_matches_ties_merged_clip(tiny_processor, images):
         torch.testing.assert_close(overridden[key], expected_image[key], msg=f"TIES-merged {key} at density 0.3")
 
 
-def test_ties_defaults_follow_the_ties_paper():
+def test_ties_default_density():
     # TIES-merging (Yadav et al., NeurIPS 2023) keeps the top 20% of each task vector's entries by magnitude.
     assert DaWinMultiTaskCLIPConfig().ties_density == 0.2
 
@@ -560,7 +560,7 @@ def test_architecture_mismatch_names_keys(tiny_processor):
         )
 
 
-def test_bfloat16_fine_tune_beside_float32_endpoints_loads_in_float32(tiny_processor, tmp_path):
+def test_mixed_dtype_fine_tunes_load_float32(tiny_processor, tmp_path):
     pretrained = make_clip(0)
     fine_tuned = [make_clip(10 + index, base=pretrained, noise=0.3) for index in range(2)]
     paths = []

@@ -181,7 +181,7 @@ def test_merged_module_rejects_non_finite():
         build_merged_module(zero_shot, [fine_tuned], [0.5])
 
 
-def test_endpoints_stored_in_different_dtypes_load_in_float32(tiny_pair_dirs, tiny_endpoints, tmp_path, caplog):
+def test_mixed_dtype_endpoints_load_float32(tiny_pair_dirs, tiny_endpoints, tmp_path, caplog):
     # transformers loads a checkpoint in the dtype it was saved in, so a float16 fine-tune beside a float32
     # zero-shot checkpoint would otherwise fail the architecture check.
     half_dir = tmp_path / "fine_tuned_float16"
@@ -199,7 +199,7 @@ def test_endpoints_stored_in_different_dtypes_load_in_float32(tiny_pair_dirs, ti
         assert torch.equal(value, expected[key]), key
 
 
-def test_loaded_endpoints_in_different_dtypes_name_the_fix(tiny_endpoints, tiny_processor):
+def test_mixed_dtype_models_name_fix(tiny_endpoints, tiny_processor):
     zero_shot, fine_tuned = tiny_endpoints
     with pytest.raises(ValueError) as raised:
         DaWinCLIPModel.from_pretrained_pair(
@@ -213,7 +213,7 @@ def test_loaded_endpoints_in_different_dtypes_name_the_fix(tiny_endpoints, tiny_
     assert zero_shot.text_projection.weight.dtype == torch.float32  # the caller's models are not cast
 
 
-def test_stored_dtype_read_from_weights_without_config_dtype(tiny_pair_dirs, tiny_endpoints, tmp_path):
+def test_stored_dtype_from_safetensors_header(tiny_pair_dirs, tiny_endpoints, tmp_path):
     # Without a dtype in config.json, transformers loads the weights' own dtype, which the safetensors header gives.
     half_dir = tmp_path / "fine_tuned_float16"
     copy.deepcopy(tiny_endpoints[1]).half().save_pretrained(half_dir, max_shard_size="50KB")
@@ -229,7 +229,7 @@ def test_stored_dtype_read_from_weights_without_config_dtype(tiny_pair_dirs, tin
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
-def test_torch_dtype_is_honoured_like_dtype(tiny_pair_dirs, tiny_endpoints, tmp_path):
+def test_torch_dtype_is_honoured(tiny_pair_dirs, tiny_endpoints, tmp_path):
     half_dir = tmp_path / "fine_tuned_float16"
     copy.deepcopy(tiny_endpoints[1]).half().save_pretrained(half_dir)
     model = DaWinCLIPModel.from_pretrained_pair(

@@ -136,7 +136,7 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_format(arguments) -> dict:
-    """Return the `from_pretrained` keyword that `--allow-torch-load` asks for, or none for safetensors only."""
+    """Return the `from_pretrained` keyword that `--allow-torch-load` requests, or none for safetensors only."""
     return {"use_safetensors": None} if arguments.allow_torch_load else {}
 
 

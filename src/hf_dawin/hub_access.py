@@ -21,7 +21,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 
 
 def in_hub_cache(repo_id: str, repo_type: str, cache_dir: str | os.PathLike | None) -> bool:
-    """Return whether the Hub cache holds a snapshot of the repository."""
+    """Return whether the Hub cache contains a snapshot of the repository."""
     cache = Path(cache_dir) if cache_dir is not None else Path(huggingface_hub.constants.HF_HUB_CACHE)
     return (cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots").is_dir()
 

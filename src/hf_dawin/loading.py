@@ -1,4 +1,4 @@
-"""Loading CLIP checkpoints for DaWin: safetensors only unless asked, endpoints in one dtype, readable reports.
+"""Loading of CLIP checkpoints for DaWin: safetensors only unless requested, one dtype, readable load reports.
 
 `CLIPModel.from_pretrained` falls back to a pickled `pytorch_model.bin` when a checkpoint has no safetensors
 file, and loads each checkpoint in the dtype it was saved in. DaWin models read weights from safetensors files
@@ -43,7 +43,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _stored_file(source, filename: str, hub_kwargs: Mapping) -> Path | None:
-    """Return `filename` of a local folder or of a Hub repository already in the cache; never download."""
+    """Return the path of `filename` in a local folder or in a Hub repository already cached, without downloading."""
     subfolder = hub_kwargs.get("subfolder") or ""
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
@@ -65,7 +65,7 @@ def _stored_file(source, filename: str, hub_kwargs: Mapping) -> Path | None:
 
 
 def safetensors_only(kwargs: Mapping) -> dict:
-    """Return `from_pretrained` arguments that load weights from safetensors files only, unless `use_safetensors` is set.
+    """Return `from_pretrained` arguments that load safetensors weights only, unless `use_safetensors` is set.
 
     Without this, transformers falls back to `pytorch_model.bin`, a pickle, which it reads with
     `torch.load(weights_only=True)`. A pickle is read only when the caller passes `use_safetensors=None` or `False`.
@@ -85,10 +85,10 @@ def safetensors_hint(error: Exception, kwargs: Mapping, source) -> str:
         return ""
     found = "its pytorch_model.bin" if any(pickled) else "a pytorch_model.bin, if it has one,"
     return (
-        f" hf_dawin loads weights from safetensors files only, unless asked otherwise. If you trust this checkpoint, "
+        f" hf_dawin loads weights from safetensors files only, unless requested otherwise. If you trust this checkpoint, "
         f"let transformers read {found} with torch.load(weights_only=True): pass use_safetensors=None (in "
-        "pipeline(): model_kwargs={'use_safetensors': None}; on the command line: --allow-torch-load), or convert "
-        "the checkpoint to safetensors."
+        "pipeline(): model_kwargs={'use_safetensors': None}, or --allow-torch-load on the command line), or "
+        "convert the checkpoint to safetensors."
     )
 
 
@@ -180,7 +180,7 @@ def log_load_reports(reports) -> None:
 
 @contextlib.contextmanager
 def held_load_reports():
-    """Hold back the load reports that transformers logs while the block runs; yield the list that collects them.
+    """Hold back the load reports that transformers logs while the block runs, and yield the list that collects them.
 
     A report of missing weights ends with advice to train the model, which does not apply to an endpoint: the
     caller raises its own error instead and logs the held reports with [`log_load_reports`] when it does not.

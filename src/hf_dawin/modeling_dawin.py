@@ -412,7 +412,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             n_components (`int`, *optional*, defaults to 3): Components of the Beta mixture.
             dtype (`torch.dtype` or `str`, *optional*): Dtype of the endpoints (for example `torch.bfloat16`); a
                 loaded `CLIPModel` is cast in place. Entropies, coefficients and the mixture stay float32. Without
-                it, each checkpoint loads in the dtype it was saved in; when the endpoints were saved in different
+                it, each checkpoint loads in the dtype it was saved in. When the endpoints were saved in different
                 dtypes, those loaded from a path take a dtype that represents them all exactly (float32 for a float16
                 fine-tune of a float32 checkpoint).
             device_map (`str` or `dict`, *optional*): Passed to `CLIPModel.from_pretrained` for both endpoints, or
@@ -1029,7 +1029,7 @@ def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, s
         if "mismatched_sizes" not in str(error):
             raise
         raise ValueError(
-            f"The {name} endpoint at {str(endpoint)!r} holds weights whose shapes differ from its config.json; the "
+            f"The {name} endpoint at {str(endpoint)!r} contains weights whose shapes differ from its config.json. The "
             "load report above lists them as MISMATCH. Pass a checkpoint whose config.json describes its weights."
         ) from error
     _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
@@ -1078,6 +1078,8 @@ def _load_endpoints(
     if dtype is None:
         # transformers loads each checkpoint in the dtype it was saved in. Endpoints saved in different dtypes
         # are loaded in one dtype instead, so that their weights can be interpolated.
+        # NOTE: an uncached Hub checkpoint whose config.json names no dtype has no known dtype here, so it is not
+        # promoted; if its dtype differs, the architecture check raises and names dtype= as the fix.
         common = common_dtype(
             {name: stored_dtype(endpoint, config_dicts[name], load_kwargs) for name, endpoint, _ in entries},
             {name: config_dicts[name] is not None for name, _, _ in entries},
