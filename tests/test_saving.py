@@ -189,3 +189,137 @@ def test_abandoned_staging_folders_removed(tmp_path):
     assert unrelated.is_dir()
     assert other_target.is_dir()
     assert [path.name for path in (tmp_path / "model").iterdir()] == ["config.json"]
+
+
+# A save run in a child process that kills itself (SIGKILL, no clean-up) at its Nth call of os.replace, or, with
+# N = 0, when it removes its backup folder after the last move.
+_KILLED_SAVE = """
+import os, shutil, signal, sys
+from hf_dawin import saving
+
+target, kill_at = sys.argv[1], int(sys.argv[2])
+calls = []
+replace = os.replace
+
+def replace_or_die(source, destination):
+    calls.append(destination)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(source, destination)
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+saving.os.replace = replace_or_die
+if kill_at == 0:
+    saving.shutil.rmtree = die
+
+def write(folder):
+    (folder / "config.json").write_text("new config")
+    (folder / "model.safetensors").write_text("new weights")
+
+saving.save_atomically(target, write)
+"""
+
+
+def _run_killed_save(target, kill_at):
+    finished = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(target), str(kill_at)], capture_output=True)
+    assert finished.returncode == -9, finished.stderr.decode()
+
+
+def _previous_save(target):
+    target.mkdir()
+    for name, text in (("config.json", "old config"), ("model-00001-of-00002.safetensors", "old shard"),
+                       ("model.safetensors.index.json", "old index"), ("README.md", "kept")):
+        (target / name).write_text(text)
+    return _snapshot(target)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_killed_save_rolled_back(tmp_path, kill_at):
+    target = tmp_path / "out"
+    before = _previous_save(target)
+
+    _run_killed_save(target, kill_at)
+    if kill_at > 1:
+        assert _snapshot(target) != before
+
+    assert saving.recover_interrupted_save(target) is True
+    assert _snapshot(target) == before
+    assert saving.recover_interrupted_save(target) is False
+    save_atomically(target, lambda folder: (folder / "config.json").write_text("next config"))
+    assert _snapshot(target) == {"config.json": b"next config", "README.md": b"kept"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_save_killed_after_last_move_kept(tmp_path):
+    target = tmp_path / "out"
+    _previous_save(target)
+
+    _run_killed_save(target, 0)
+
+    assert saving.recover_interrupted_save(target) is False
+    assert _snapshot(target) == {"config.json": b"new config", "model.safetensors": b"new weights", "README.md": b"kept"}
+    save_atomically(target, lambda folder: (folder / "config.json").write_text("next config"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_running_save_not_rolled_back(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text("new config")
+    backup = tmp_path / f".out.saving-{os.getpid()}-abc-previous-def"
+    backup.mkdir()
+    (backup / "config.json").write_text("old config")
+    (backup / "journal.json").write_text('{"format": 1, "steps": [{"path": "config.json", "replaced": true}]}')
+
+    assert saving.recover_interrupted_save(target) is False
+    assert (target / "config.json").read_text() == "new config"
+
+
+_KILLED_MODEL_SAVE = """
+import os, signal, sys
+import torch
+from hf_dawin import DaWinCLIPModel, saving
+
+folder = sys.argv[1]
+model = DaWinCLIPModel.from_pretrained(folder)
+with torch.no_grad():
+    model.zero_shot_head.weight.add_(1.0)
+replace = os.replace
+
+moved = []
+
+def replace_or_die(source, destination):
+    # Die at the first move after the new weights have replaced the old ones.
+    if "model.safetensors" in moved:
+        os.kill(os.getpid(), signal.SIGKILL)
+    moved.append(os.path.basename(destination))
+    replace(source, destination)
+
+saving.os.replace = replace_or_die
+model.save_pretrained(folder)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, caplog):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    before = _snapshot(folder)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    finished = subprocess.run([sys.executable, "-c", _KILLED_MODEL_SAVE, str(folder)], capture_output=True, env=environment)
+
+    assert finished.returncode == -9, finished.stderr.decode()
+    assert _snapshot(folder) != before
+    with caplog.at_level("WARNING", logger="hf_dawin.saving"):
+        loaded = DaWinCLIPModel.from_pretrained(folder)
+    assert "was killed" in caplog.text
+    assert _snapshot(folder) == before
+    with torch.no_grad():
+        expected = tiny_model(pixel_values, mode="zero_shot").logits
+        torch.testing.assert_close(loaded(pixel_values, mode="zero_shot").logits, expected)

@@ -62,7 +62,7 @@ from .placement import (
     resolve_dtype,
     split_device_map,
 )
-from .saving import pop_push_arguments, save_atomically
+from .saving import pop_push_arguments, recover_interrupted_save, save_atomically
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -882,6 +882,8 @@ def check_local_folder(source, writer: str) -> None:
     """Raise if `source` is written as a local path (absolute, or starting with `.` or `~`) that does not exist.
 
     Such a string cannot be a Hub id, and huggingface_hub would otherwise report it as a malformed repository id.
+    An existing local folder that a killed save left half-replaced gets its previous files back first
+    ([`recover_interrupted_save`]).
 
     Raises:
         FileNotFoundError: Naming the folder and `writer`, the method that writes such folders.
@@ -895,6 +897,8 @@ def check_local_folder(source, writer: str) -> None:
             f"No folder at {text!r}. Pass an existing folder written by {writer}, or a Hub id such as "
             "'namespace/name'."
         )
+    if Path(text).expanduser().is_dir():
+        recover_interrupted_save(Path(text).expanduser())
 
 
 def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:

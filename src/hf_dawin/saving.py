@@ -2,16 +2,19 @@
 
 An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
 it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
-on one filesystem, and an exception during these moves puts the replaced files back. NOTE: the folder as a whole
-is not swapped atomically, so a process killed outright (SIGKILL, power loss) during the moves, which take
-milliseconds, can leave some files new and others old. Such a process also leaves its staging folder behind; the
-next save into the same target removes it. This module uses the standard library only, because it is copied
-beside saved models as remote code.
+on one filesystem. Before the first move, the save writes a journal of its moves into a backup folder that keeps
+each replaced file. An exception during the moves puts the replaced files back at once. A process killed outright
+(SIGKILL, the out-of-memory killer) during the moves leaves the journal behind, and the next save into the folder,
+or the next load of a DaWin model from it, puts the previous files back ([`recover_interrupted_save`]). NOTE:
+files are not flushed to disk (fsync), so a power loss is not covered. This module uses the standard library only,
+because it is copied beside saved models as remote code.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,11 +22,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-__all__ = ["is_weight_file", "move_into_place", "pop_push_arguments", "remove_abandoned_folders", "save_atomically"]
+__all__ = [
+    "is_weight_file",
+    "move_into_place",
+    "pop_push_arguments",
+    "recover_interrupted_save",
+    "remove_abandoned_folders",
+    "save_atomically",
+]
+
+logger = logging.getLogger(__name__)
 
 # Staging folders are named ".<target>.saving-<process id>-<random>" beside the target, or
 # ".saving-<process id>-<random>" inside it.
 _STAGING_MARK = ".saving-"
+# The backup folder of a save is named after its staging folder: "<staging name>-previous-<random>".
+_BACKUP_MARK = "-previous-"
+# Present in a backup folder from just before the first move until just after the last one.
+_JOURNAL = "journal.json"
 
 
 def is_weight_file(name: str) -> bool:
@@ -100,40 +116,127 @@ def _keep_copy(path: Path, copy: Path) -> None:
         shutil.copy2(path, copy)
 
 
+def _roll_back(target: Path, backup: Path, steps: list[tuple[Path, bool]]) -> None:
+    """Undo the moves of a save, in reverse order, from the files kept in `backup`.
+
+    A step is `(relative path, replaced)`. A replaced file is put back if its copy is in `backup`: the copy is made
+    before the move, so a missing copy means the move did not happen. A file that was new is removed.
+    """
+    for relative, replaced in reversed(steps):
+        destination = target / relative
+        if not replaced:
+            destination.unlink(missing_ok=True)
+        elif (backup / relative).is_file():
+            os.replace(backup / relative, destination)
+
+
+def _write_journal(backup: Path, steps: list[tuple[Path, bool]]) -> None:
+    """Write the moves a save is about to make. A journal cut short by a kill cannot be parsed, and no move followed it."""
+    entries = [{"path": relative.as_posix(), "replaced": replaced} for relative, replaced in steps]
+    with open(backup / _JOURNAL, "w", encoding="utf-8") as handle:
+        json.dump({"format": 1, "steps": entries}, handle)
+
+
+def _read_journal(backup: Path) -> list[tuple[Path, bool]] | None:
+    """Return the steps of a journal, or None if the folder has no complete journal."""
+    try:
+        with open(backup / _JOURNAL, encoding="utf-8") as handle:
+            entries = json.load(handle)["steps"]
+        return [(Path(entry["path"]), bool(entry["replaced"])) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _commit(staging: Path, target: Path, written: list[Path], stale: Callable[[str], bool]) -> None:
     """Move the staged files into `target`, remove its stale files, and undo every step if an exception occurs.
 
-    Each file that a move replaces is first kept in a backup folder, so an error or Ctrl-C during the moves puts
-    the previous files back. Only a process killed outright during the moves can leave some files new and others
-    old.
+    Each file that a move replaces is first kept in a backup folder, and a journal there lists every move before
+    the first one runs. An error or Ctrl-C during the moves puts the previous files back at once. If the process is
+    killed instead, the journal stays, and [`recover_interrupted_save`] puts them back later.
     """
-    backup = Path(tempfile.mkdtemp(prefix=f"{staging.name}-previous-", dir=staging.parent))
-    done: list[tuple[Path, bool]] = []
+    backup = Path(tempfile.mkdtemp(prefix=f"{staging.name}{_BACKUP_MARK}", dir=staging.parent))
+    new_names = {relative.as_posix() for relative in written}
+    removed = [
+        Path(path.name)
+        for path in sorted(target.iterdir())
+        if path.is_file() and stale(path.name) and path.name not in new_names
+    ]
+    steps = [(relative, (target / relative).is_file()) for relative in written] + [(name, True) for name in removed]
     try:
-        for relative in written:
+        _write_journal(backup, steps)
+        for relative, replaced in steps[: len(written)]:
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            replaced = destination.is_file()
             if replaced:
                 _keep_copy(destination, backup / relative)
-            done.append((relative, replaced))
             os.replace(staging / relative, destination)
-        new_names = {relative.as_posix() for relative in written}
-        for path in sorted(target.iterdir()):
-            if path.is_file() and stale(path.name) and path.name not in new_names:
-                done.append((Path(path.name), True))
-                os.replace(path, backup / path.name)
+        for relative in removed:
+            os.replace(target / relative, backup / relative)
+        # The save is complete once the journal is gone.
+        (backup / _JOURNAL).unlink()
     except BaseException:
-        # A step is recorded before it runs, so the interrupted step may not have happened yet.
-        for relative, replaced in reversed(done):
-            destination = target / relative
-            if not replaced:
-                destination.unlink(missing_ok=True)
-            elif (backup / relative).is_file():
-                os.replace(backup / relative, destination)
+        if (backup / _JOURNAL).exists():
+            _roll_back(target, backup, steps)
         raise
     finally:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _abandoned_backups(target: Path) -> list[Path]:
+    """Return the backup folders of earlier saves into `target`, beside it or inside it, whose process is gone."""
+    found = []
+    for parent, prefix in ((target.parent, f".{target.name}{_STAGING_MARK}"), (target, _STAGING_MARK)):
+        for path in parent.glob(f"{glob.escape(prefix)}*{_BACKUP_MARK}*"):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
+            if path.is_dir() and pid.isdigit() and _process_is_gone(int(pid)):
+                found.append(path)
+    return found
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> bool:
+    """Put back the previous files of `folder` if a save into it was killed while it moved its files in.
+
+    A save that an exception interrupts undoes its moves itself. Only a process killed outright leaves its journal
+    behind, and then some files of the folder are new and others old. This function undoes those moves from the
+    journal and the files the save kept, and removes the save's leftover folders. It runs at the start of every
+    save into a folder and before a DaWin model loads from a local folder.
+
+    NOTE: process ids are looked up on this machine, so do not call it while another machine saves into the same
+    shared folder.
+
+    Args:
+        folder (`str` or `os.PathLike`): The target folder of the earlier save.
+
+    Returns:
+        `bool`: Whether an interrupted save was found and its previous files put back.
+
+    Raises:
+        OSError: If the previous files cannot be put back (for example a folder that cannot be written). The error
+            names the folder that contains them.
+    """
+    target = Path(folder).resolve()
+    if not target.is_dir():
+        return False
+    recovered = False
+    for backup in _abandoned_backups(target):
+        steps = _read_journal(backup)
+        if steps is None:
+            continue
+        try:
+            _roll_back(target, backup, steps)
+            (backup / _JOURNAL).unlink()
+        except OSError as error:
+            raise OSError(
+                f"A save into {target} was killed while it moved its files in, so the folder mixes new and old files. "
+                f"Putting the old files back failed: {error}. They are kept in {backup}; make {target} writable and "
+                "load or save again, which puts them back."
+            ) from error
+        shutil.rmtree(backup, ignore_errors=True)
+        logger.warning(
+            "A save into %s was killed while it moved its files in. The files it replaced have been put back.", target
+        )
+        recovered = True
+    return recovered
 
 
 def save_atomically(
@@ -167,6 +270,7 @@ def save_atomically(
         raise NotADirectoryError(f"Cannot save into {target}, because it is a file. Pass a folder path.")
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(target)
     _remove_abandoned_staging(target)
     staging = _make_staging(target)
     try:
