@@ -212,8 +212,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--templates", help="Prompt template file (one template with {} per line).")
     evaluate.add_argument("--batch-size", type=int, default=256, help="Images per forward pass (default: 256).")
     evaluate.add_argument(
-        "--max-examples", type=int, help="Evaluate a random sample of this many examples per set, drawn with --seed."
-    )
+        "--max-examples", type=int,
+        help=(
+            "Evaluate at most this many examples per set: a random sample drawn with --seed from your own datasets, "
+            "the first images of each set of the embedded benchmark."
+        ),
+    )  # fmt: skip
     evaluate.add_argument(
         "--alphas",
         type=_parse_alphas,
@@ -249,7 +253,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", help="Cache for data wheels and the embedded pair (default: ~/.cache/hf_dawin).")
     evaluate.add_argument(
         "--seed", type=int, default=0,
-        help="Seed of the embedded pair, its shifts and the --max-examples sample (default: 0).",
+        help="Seed of the embedded pair, its shifts and the --max-examples sample of your datasets (default: 0).",
     )  # fmt: skip
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="Hide progress bars.")
 

@@ -1,11 +1,12 @@
 """Distribution-shift evaluation of a DaWin pair against its baselines.
 
-For every evaluation set the two endpoint passes run once; their logits, projected to the set's label
-space, feed every method that needs them (zero-shot, fine-tuned, output ensemble, entropy selection, the
-oracle and DaWin's coefficients). Methods with their own weights (DaWin `sample` and `mixture`, the WiSE-FT
-sweep) then share one more pass over the set: each batch is read and preprocessed once and classified by
-all of them. When the sweep's merged models do not fit in memory together, the sweep is split over several
-passes. Only per-sample logits, labels and coefficients are kept between passes, never images.
+For every evaluation set the two endpoint passes run once. Their logits, projected to the set's label space,
+feed every method that needs them: zero-shot, fine-tuned, output ensemble, entropy selection, DaWin's
+coefficients, and the oracle, which mixes the endpoints' probabilities with a coefficient computed from the label.
+Methods with their own weights (DaWin `sample` and `mixture`, the WiSE-FT sweep) then share one more pass over
+the set: each batch is read and preprocessed once and classified by all of them. When the sweep's merged models
+do not fit in memory together, the sweep is split over several passes. Only per-sample logits, labels and
+coefficients are kept between passes, never images.
 
 Under `accelerate launch` or `torchrun` every pass is sharded across the processes by batch and the
 per-sample results are gathered back in example order (see `hf_dawin.distributed`), so a multi-process run
@@ -645,7 +646,7 @@ METHOD_LABELS = {
     "entropy_selection": "Entropy selection",
     "dawin_sample": "DaWin (sample)",
     "dawin_mixture": "DaWin (mixture)",
-    "oracle": "Oracle (uses labels)",
+    "oracle": "Oracle output ensemble (uses labels)",
 }
 
 
