@@ -724,6 +724,33 @@ def test_unknown_repo_online_suggests_offline_mode(fake_hub):
     assert "set HF_HUB_OFFLINE=1 so that Hub lookups fail at once" in str(error.value)
 
 
+def _hub_files(model, folder, *, max_shard_size="5GB"):
+    """Save `model` and return its files as a fake Hub repository, with config.json naming no dtype."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("max_shard_size", ["5GB", "20KB"])
+def test_hub_endpoint_dtype_from_header(fake_hub, tiny_pair_dirs, tmp_path, max_shard_size):
+    fine_tuned = CLIPModel.from_pretrained(tiny_pair_dirs[1]).to(torch.float16)
+    files = _hub_files(fine_tuned, tmp_path / "fp16", max_shard_size=max_shard_size)
+    fake_hub.repos["someone/tiny-fine-tuned-fp16"] = files
+    sharded = "model.safetensors.index.json" in files
+    assert sharded == (max_shard_size == "20KB")
+
+    model = DaWinCLIPModel.from_pretrained_pair(
+        tiny_pair_dirs[0], "someone/tiny-fine-tuned-fp16", class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES,
+        cache_dir=tmp_path / "hub-cache",
+    )
+
+    assert model.fine_tuned.dtype == torch.float32
+    assert model.zero_shot.dtype == torch.float32
+
+
 def test_unknown_repo_offline_cli(tmp_path, capsys):
     id_dir = _image_dataset(tmp_path / "pets", 0)
     capsys.readouterr()

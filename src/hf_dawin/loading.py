@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
@@ -97,27 +98,67 @@ def safetensors_hint(error: Exception, kwargs: Mapping, source) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _floating_dtype(names) -> torch.dtype | None:
+    """Return the one floating-point dtype among safetensors dtype names ("F32", "BF16", ...), or None."""
+    floating = {SAFETENSORS_DTYPES[name] for name in names if name in SAFETENSORS_DTYPES}
+    return floating.pop() if len(floating) == 1 else None
+
+
+def _hub_safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
+    """Return the floating-point dtype of a Hub checkpoint's safetensors weights without downloading them.
+
+    huggingface_hub reads the header of the weight file (of the first shard, for a sharded checkpoint) with a
+    range request. Returns None offline, with `local_files_only`, or when the header cannot be read.
+    """
+    if hub_kwargs.get("local_files_only") or huggingface_hub.constants.is_offline_mode():
+        return None
+    if not isinstance(source, str) or Path(source).expanduser().exists():
+        return None
+    subfolder = hub_kwargs.get("subfolder") or ""
+    api = huggingface_hub.HfApi()
+    request = {"repo_id": source, "revision": hub_kwargs.get("revision"), "token": hub_kwargs.get("token")}
+    try:
+        filename = f"{subfolder}/model.safetensors" if subfolder else "model.safetensors"
+        if not api.file_exists(filename=filename, **request):
+            index_name = f"{filename}.index.json"
+            if not api.file_exists(filename=index_name, **request):
+                return None
+            index = huggingface_hub.hf_hub_download(filename=index_name, cache_dir=hub_kwargs.get("cache_dir"), **request)
+            shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+            if not shards:
+                return None
+            filename = f"{subfolder}/{shards[0]}" if subfolder else shards[0]
+        header = api.parse_safetensors_file_metadata(filename=filename, **request)
+    except Exception as error:  # noqa: BLE001 - the dtype is a hint, so any failure only skips it
+        logger.info("Failed to read the weights' dtype of %s from the Hub, so it is not compared: %s", source, error)
+        return None
+    return _floating_dtype(header.parameter_count)
+
+
 def _safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
-    """Return the floating-point dtype of a checkpoint's safetensors weights, read from the file header."""
+    """Return the floating-point dtype of a checkpoint's safetensors weights, read from the file header.
+
+    The header is read from a local folder or the local Hub cache, or else from the Hub without downloading the
+    weights.
+    """
     path = _stored_file(source, "model.safetensors", hub_kwargs)
     if path is None:
         index = _stored_file(source, "model.safetensors.index.json", hub_kwargs)
         if index is None:
-            return None
+            return _hub_safetensors_dtype(source, hub_kwargs)
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError):
             return None
         path = _stored_file(source, shards[0], hub_kwargs) if shards else None
         if path is None:
-            return None
+            return _hub_safetensors_dtype(source, hub_kwargs)
     try:
         with safe_open(str(path), framework="pt") as weights:
             names = {weights.get_slice(key).get_dtype() for key in weights.keys()}
     except (OSError, RuntimeError, ValueError):
         return None
-    floating = {SAFETENSORS_DTYPES[name] for name in names if name in SAFETENSORS_DTYPES}
-    return floating.pop() if len(floating) == 1 else None
+    return _floating_dtype(names)
 
 
 def stored_dtype(endpoint, config_dict: Mapping | None, hub_kwargs: Mapping) -> torch.dtype | None:

@@ -1082,8 +1082,9 @@ def _load_endpoints(
     if dtype is None:
         # transformers loads each checkpoint in the dtype it was saved in. Endpoints saved in different dtypes
         # are loaded in one dtype instead, so that their weights can be interpolated.
-        # NOTE: an uncached Hub checkpoint whose config.json names no dtype has no known dtype here, so it is not
-        # promoted; if its dtype differs, the architecture check raises and names dtype= as the fix.
+        # NOTE: a checkpoint whose config.json names no dtype and that has no readable safetensors header (pickled
+        # weights only) has no known dtype here, so it is not promoted. If its dtype differs, the architecture
+        # check raises and names dtype= as the fix.
         common = common_dtype(
             {name: stored_dtype(endpoint, config_dicts[name], load_kwargs) for name, endpoint, _ in entries},
             {name: config_dicts[name] is not None for name, _, _ in entries},
