@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from hf_dawin import DaWinCLIPModel
 from hf_dawin import saving
+from hf_dawin.modeling_dawin import recover_local_folder
 from hf_dawin.saving import pop_push_arguments, save_atomically
 
 
@@ -192,7 +194,7 @@ def test_abandoned_staging_folders_removed(tmp_path):
 
 
 # A save run in a child process that kills itself (SIGKILL, no clean-up) at its Nth call of os.replace, or, with
-# N = 0, when it removes its backup folder after the last move.
+# N = 0, when it removes its work folder after the last move.
 _KILLED_SAVE = """
 import os, shutil, signal, sys
 from hf_dawin import saving
@@ -228,7 +230,7 @@ def _run_killed_save(target, kill_at):
 
 
 def _previous_save(target):
-    target.mkdir()
+    target.mkdir(parents=True)
     for name, text in (("config.json", "old config"), ("model-00001-of-00002.safetensors", "old shard"),
                        ("model.safetensors.index.json", "old index"), ("README.md", "kept")):
         (target / name).write_text(text)
@@ -266,18 +268,57 @@ def test_save_killed_after_last_move_kept(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
-def test_running_save_not_rolled_back(tmp_path):
+@pytest.mark.skipif(saving.fcntl is None, reason="saves are locked with fcntl")
+def test_locked_save_not_rolled_back(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "config.json").write_text("new config")
-    backup = tmp_path / f".out.saving-{os.getpid()}-abc-previous-def"
-    backup.mkdir()
-    (backup / "config.json").write_text("old config")
-    (backup / "journal.json").write_text('{"format": 1, "steps": [{"path": "config.json", "replaced": true}]}')
+    work = saving._make_work_folder(target)
+    descriptor = saving._lock_work_folder(work)
+    (work / "previous").mkdir()
+    (work / "previous" / "config.json").write_text("old config")
+    (work / "journal.json").write_text('{"format": 1, "steps": [{"path": "config.json", "replaced": true}]}')
 
     assert saving.recover_interrupted_save(target) is False
     assert (target / "config.json").read_text() == "new config"
+
+    # The lock goes with the save, not with the process id, which stays alive here as a reused id would.
+    os.close(descriptor)
+    assert saving.recover_interrupted_save(target) is True
+    assert (target / "config.json").read_text() == "old config"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_partial_copy_never_restored(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"previous weights")
+
+    def no_hard_links(source, destination):
+        raise PermissionError(1, "Operation not permitted")
+
+    def copy_cut_short(source, destination):
+        Path(destination).write_bytes(b"prev")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saving.os, "link", no_hard_links)
+    monkeypatch.setattr(saving.shutil, "copy2", copy_cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(target, lambda folder: (folder / "model.safetensors").write_bytes(b"new weights"))
+
+    assert _snapshot(target) == {"model.safetensors": b"previous weights"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_killed_save_in_subfolder_restored(tmp_path):
+    target = tmp_path / "root" / "sub"
+    before = _previous_save(target)
+    _run_killed_save(target, 3)
+    assert _snapshot(target) != before
+
+    recover_local_folder(tmp_path / "root", {"subfolder": "sub"})
+
+    assert _snapshot(target) == before
 
 
 _KILLED_MODEL_SAVE = """
@@ -323,3 +364,53 @@ def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, 
     with torch.no_grad():
         expected = tiny_model(pixel_values, mode="zero_shot").logits
         torch.testing.assert_close(loaded(pixel_values, mode="zero_shot").logits, expected)
+
+
+# Relabels a saved model and saves it again, dying at the first move after the new config.json is in place.
+_KILLED_RELABEL = """
+import os, signal, sys
+from hf_dawin import DaWinCLIPModel, saving
+
+folder = sys.argv[1]
+model = DaWinCLIPModel.from_pretrained(folder, class_names=sys.argv[2:])
+replace = os.replace
+moved = []
+
+def replace_or_die(source, destination):
+    if "config.json" in moved:
+        os.kill(os.getpid(), signal.SIGKILL)
+    moved.append(os.path.basename(destination))
+    replace(source, destination)
+
+saving.os.replace = replace_or_die
+model.save_pretrained(folder)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+@pytest.mark.parametrize("loader", ["auto", "pipeline"])
+def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
+    from transformers import AutoModelForImageClassification, pipeline
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    previous_names = list(tiny_model.config.class_names)
+    new_names = [f"new {name}" for name in previous_names]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    finished = subprocess.run(
+        [sys.executable, "-c", _KILLED_RELABEL, str(folder), *new_names], capture_output=True, env=environment
+    )
+    assert finished.returncode == -9, finished.stderr.decode()
+    assert "new " in (folder / "config.json").read_text()
+
+    if loader == "auto":
+        model = AutoModelForImageClassification.from_pretrained(folder, mode="zero_shot")
+        assert model.config.class_names == previous_names
+        assert model.config.mode == "zero_shot"
+        assert list(model.config.id2label.values()) == previous_names
+    else:
+        classifier = pipeline("image-classification", model=str(folder))
+        image = Image.new("RGB", (40, 40), "white")
+        labels = [result["label"] for result in classifier(image, top_k=len(previous_names))]
+        assert sorted(labels) == sorted(previous_names)

@@ -62,7 +62,7 @@ from .placement import (
     resolve_dtype,
     split_device_map,
 )
-from .saving import pop_push_arguments, recover_interrupted_save, save_atomically
+from .saving import journal_found, pop_push_arguments, recover_interrupted_save, save_atomically
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -882,8 +882,6 @@ def check_local_folder(source, writer: str) -> None:
     """Raise if `source` is written as a local path (absolute, or starting with `.` or `~`) that does not exist.
 
     Such a string cannot be a Hub id, and huggingface_hub would otherwise report it as a malformed repository id.
-    An existing local folder that a killed save left half-replaced gets its previous files back first
-    ([`recover_interrupted_save`]).
 
     Raises:
         FileNotFoundError: Naming the folder and `writer`, the method that writes such folders.
@@ -897,16 +895,42 @@ def check_local_folder(source, writer: str) -> None:
             f"No folder at {text!r}. Pass an existing folder written by {writer}, or a Hub id such as "
             "'namespace/name'."
         )
-    if Path(text).expanduser().is_dir():
-        recover_interrupted_save(Path(text).expanduser())
 
 
-def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
+def recover_local_folder(source, load_kwargs: dict) -> None:
+    """Put back the previous files of a local folder that a killed save left half-replaced, before it loads.
+
+    transformers' Auto classes and pipelines read config.json before the model class loads, so a config passed as
+    `load_kwargs["config"]` may come from the half-replaced folder. It is then replaced in `load_kwargs` by the
+    restored config, with the values in which the caller's config differs from the half-replaced one.
+    """
+    if not isinstance(source, (str, Path)):
+        return
+    folder = Path(str(source)).expanduser() / (load_kwargs.get("subfolder") or "")
+    if not folder.is_dir():
+        return
+    config = load_kwargs.get("config")
+    half_replaced = None
+    if isinstance(config, PreTrainedConfig) and journal_found(folder) and (folder / "config.json").is_file():
+        try:
+            half_replaced = type(config).from_pretrained(folder).to_dict()
+        except (OSError, ValueError):
+            half_replaced = None
+    if not recover_interrupted_save(folder) or half_replaced is None:
+        return
+    restored = type(config).from_pretrained(folder).to_dict()
+    changed = {key: value for key, value in config.to_dict().items() if half_replaced.get(key) != value}
+    load_kwargs["config"] = type(config).from_dict({**restored, **changed})
+
+
+def check_source_loadable(source, writer: str, load_kwargs: dict) -> None:
     """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
 
-    `writer` names the method that writes such folders, for the message.
+    `writer` names the method that writes such folders, for the message. A local folder that a killed save left
+    half-replaced gets its previous files back first (see [`recover_local_folder`]).
     """
     check_local_folder(source, writer)
+    recover_local_folder(source, load_kwargs)
     check_hub_reachable(
         source,
         cache_dir=load_kwargs.get("cache_dir"),

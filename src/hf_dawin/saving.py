@@ -2,12 +2,23 @@
 
 An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
 it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
-on one filesystem. Before the first move, the save writes a journal of its moves into a backup folder that keeps
-each replaced file. An exception during the moves puts the replaced files back at once. A process killed outright
-(SIGKILL, the out-of-memory killer) during the moves leaves the journal behind, and the next save into the folder,
-or the next load of a DaWin model from it, puts the previous files back ([`recover_interrupted_save`]). NOTE:
-files are not flushed to disk (fsync), so a power loss is not covered. This module uses the standard library only,
-because it is copied beside saved models as remote code.
+on one filesystem. Before the first move, the save writes a journal of its moves and keeps each file that a move
+replaces. An exception during the moves puts the replaced files back at once. A process killed outright (SIGKILL,
+the out-of-memory killer) during the moves leaves the journal behind, and the next save into the folder, or the
+next load of a DaWin model from it, puts the previous files back ([`recover_interrupted_save`]).
+
+Each save works in its own folder, beside the target or inside it:
+
+    .<target>.saving-<process id>-<random>/   (".saving-<process id>-<random>/" inside the target)
+        lock           locked (flock) by the saving process until the save ends
+        staged/        the files being written
+        previous/      the files that the moves replaced or removed
+        journal.json   the moves, present from before the first move until after the last one
+
+The kernel releases the lock when the process dies, so a work folder whose lock is free belongs to a save that
+was killed, even where process ids are reused (containers). NOTE: files are not flushed to disk (fsync), so a
+power loss is not covered, and on systems without `fcntl` (Windows) a killed save is not recovered. This module
+uses the standard library only, because it is copied beside saved models as remote code.
 """
 
 from __future__ import annotations
@@ -22,8 +33,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
 __all__ = [
     "is_weight_file",
+    "journal_found",
     "move_into_place",
     "pop_push_arguments",
     "recover_interrupted_save",
@@ -33,12 +51,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Staging folders are named ".<target>.saving-<process id>-<random>" beside the target, or
-# ".saving-<process id>-<random>" inside it.
-_STAGING_MARK = ".saving-"
-# The backup folder of a save is named after its staging folder: "<staging name>-previous-<random>".
-_BACKUP_MARK = "-previous-"
-# Present in a backup folder from just before the first move until just after the last one.
+_WORK_MARK = ".saving-"
+_LOCK = "lock"
+_STAGED = "staged"
+_PREVIOUS = "previous"
 _JOURNAL = "journal.json"
 
 
@@ -72,12 +88,6 @@ def remove_abandoned_folders(parent: Path, prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _remove_abandoned_staging(target: Path) -> None:
-    """Remove staging folders of earlier saves into `target`, beside it or inside it, whose process is gone."""
-    remove_abandoned_folders(target.parent, f".{target.name}{_STAGING_MARK}")
-    remove_abandoned_folders(target, _STAGING_MARK)
-
-
 def move_into_place(temporary: Path, path: Path) -> None:
     """Move a finished temporary file onto `path`, with the mode an ordinary new file gets under the umask.
 
@@ -90,71 +100,122 @@ def move_into_place(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _make_staging(target: Path) -> Path:
-    """Create an empty staging folder on the target's filesystem: beside the target, or inside it.
+def _make_work_folder(target: Path) -> Path:
+    """Create an empty work folder on the target's filesystem: beside the target, or inside it.
 
     Beside the target keeps the folder free of half-written files. Inside is the fallback when the parent cannot
     be written (a save into the current directory, for example) or lies on another filesystem (the target is a
     mount point), where the final renames would fail.
     """
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_MARK}{os.getpid()}-", dir=target.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}{_WORK_MARK}{os.getpid()}-", dir=target.parent))
     except OSError:
-        return Path(tempfile.mkdtemp(prefix=f"{_STAGING_MARK}{os.getpid()}-", dir=target))
-    if os.stat(staging).st_dev == os.stat(target).st_dev:
-        return staging
-    staging.rmdir()
-    return Path(tempfile.mkdtemp(prefix=f"{_STAGING_MARK}{os.getpid()}-", dir=target))
+        return Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
+    if os.stat(work).st_dev == os.stat(target).st_dev:
+        return work
+    work.rmdir()
+    return Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
+
+
+def _lock_work_folder(work: Path) -> int | None:
+    """Lock the work folder for this process and return the lock's file descriptor (None without `fcntl`).
+
+    The lock file is locked under another name and then renamed, so that another process never finds it unlocked
+    while this save runs.
+    """
+    if fcntl is None:
+        return None
+    descriptor = os.open(work / f"{_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.rename(work / f"{_LOCK}.new", work / _LOCK)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _lock_if_abandoned(work: Path, prefix: str) -> tuple[bool, int | None]:
+    """Return whether the save that owns `work` has ended without cleaning up, and the lock taken if so.
+
+    A work folder with a lock file is abandoned when the lock can be taken. One without (a save that is creating
+    it, or a save of an older hf_dawin) is abandoned when no process has the id in its name.
+    """
+    lock = work / _LOCK
+    if fcntl is not None and lock.is_file():
+        try:
+            descriptor = os.open(lock, os.O_RDWR)
+        except OSError:
+            return False, None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            return False, None
+        return True, descriptor
+    pid = work.name[len(prefix) :].split("-", 1)[0]
+    return pid.isdigit() and _process_is_gone(int(pid)), None
+
+
+def _unlock(descriptor: int | None) -> None:
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 def _keep_copy(path: Path, copy: Path) -> None:
-    """Make `copy` a second name of `path` (a hard link), or a copy where the filesystem has no hard links."""
+    """Make `copy` a second name of `path` (a hard link), or a copy where the filesystem has no hard links.
+
+    A copy is written under another name first, so a copy cut short by a kill is never taken for the file.
+    """
     copy.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(path, copy)
     except OSError:
-        shutil.copy2(path, copy)
+        partial = copy.with_name(f"{copy.name}.partial")
+        shutil.copy2(path, partial)
+        os.replace(partial, copy)
 
 
-def _roll_back(target: Path, backup: Path, steps: list[tuple[Path, bool]]) -> None:
-    """Undo the moves of a save, in reverse order, from the files kept in `backup`.
+def _roll_back(target: Path, previous: Path, steps: list[tuple[Path, bool]]) -> None:
+    """Undo the moves of a save, in reverse order, from the files kept in `previous`.
 
-    A step is `(relative path, replaced)`. A replaced file is put back if its copy is in `backup`: the copy is made
-    before the move, so a missing copy means the move did not happen. A file that was new is removed.
+    A step is `(relative path, replaced)`. A replaced file is put back if its copy is in `previous`: the copy is
+    made before the move, so a missing copy means the move did not happen. A file that was new is removed.
     """
     for relative, replaced in reversed(steps):
         destination = target / relative
         if not replaced:
             destination.unlink(missing_ok=True)
-        elif (backup / relative).is_file():
-            os.replace(backup / relative, destination)
+        elif (previous / relative).is_file():
+            os.replace(previous / relative, destination)
 
 
-def _write_journal(backup: Path, steps: list[tuple[Path, bool]]) -> None:
+def _write_journal(journal: Path, steps: list[tuple[Path, bool]]) -> None:
     """Write the moves a save is about to make. A journal cut short by a kill cannot be parsed, and no move followed it."""
     entries = [{"path": relative.as_posix(), "replaced": replaced} for relative, replaced in steps]
-    with open(backup / _JOURNAL, "w", encoding="utf-8") as handle:
+    with open(journal, "w", encoding="utf-8") as handle:
         json.dump({"format": 1, "steps": entries}, handle)
 
 
-def _read_journal(backup: Path) -> list[tuple[Path, bool]] | None:
-    """Return the steps of a journal, or None if the folder has no complete journal."""
+def _read_journal(journal: Path) -> list[tuple[Path, bool]] | None:
+    """Return the steps of a journal, or None if there is no complete journal."""
     try:
-        with open(backup / _JOURNAL, encoding="utf-8") as handle:
+        with open(journal, encoding="utf-8") as handle:
             entries = json.load(handle)["steps"]
         return [(Path(entry["path"]), bool(entry["replaced"])) for entry in entries]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _commit(staging: Path, target: Path, written: list[Path], stale: Callable[[str], bool]) -> None:
+def _commit(work: Path, target: Path, written: list[Path], stale: Callable[[str], bool]) -> None:
     """Move the staged files into `target`, remove its stale files, and undo every step if an exception occurs.
 
-    Each file that a move replaces is first kept in a backup folder, and a journal there lists every move before
-    the first one runs. An error or Ctrl-C during the moves puts the previous files back at once. If the process is
+    Each file that a move replaces is first kept in `work/previous`, and the journal lists every move before the
+    first one runs. An error or Ctrl-C during the moves puts the previous files back at once. If the process is
     killed instead, the journal stays, and [`recover_interrupted_save`] puts them back later.
     """
-    backup = Path(tempfile.mkdtemp(prefix=f"{staging.name}{_BACKUP_MARK}", dir=staging.parent))
+    staged, previous, journal = work / _STAGED, work / _PREVIOUS, work / _JOURNAL
+    previous.mkdir()
     new_names = {relative.as_posix() for relative in written}
     removed = [
         Path(path.name)
@@ -163,34 +224,35 @@ def _commit(staging: Path, target: Path, written: list[Path], stale: Callable[[s
     ]
     steps = [(relative, (target / relative).is_file()) for relative in written] + [(name, True) for name in removed]
     try:
-        _write_journal(backup, steps)
+        _write_journal(journal, steps)
         for relative, replaced in steps[: len(written)]:
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             if replaced:
-                _keep_copy(destination, backup / relative)
-            os.replace(staging / relative, destination)
+                _keep_copy(destination, previous / relative)
+            os.replace(staged / relative, destination)
         for relative in removed:
-            os.replace(target / relative, backup / relative)
+            os.replace(target / relative, previous / relative)
         # The save is complete once the journal is gone.
-        (backup / _JOURNAL).unlink()
+        journal.unlink()
     except BaseException:
-        if (backup / _JOURNAL).exists():
-            _roll_back(target, backup, steps)
+        if journal.exists():
+            _roll_back(target, previous, steps)
         raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
-def _abandoned_backups(target: Path) -> list[Path]:
-    """Return the backup folders of earlier saves into `target`, beside it or inside it, whose process is gone."""
+def _work_folders(target: Path) -> list[tuple[Path, str]]:
+    """Return the work folders of saves into `target`, beside it or inside it, each with its name prefix."""
     found = []
-    for parent, prefix in ((target.parent, f".{target.name}{_STAGING_MARK}"), (target, _STAGING_MARK)):
-        for path in parent.glob(f"{glob.escape(prefix)}*{_BACKUP_MARK}*"):
-            pid = path.name[len(prefix) :].split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and _process_is_gone(int(pid)):
-                found.append(path)
+    for parent, prefix in ((target.parent, f".{target.name}{_WORK_MARK}"), (target, _WORK_MARK)):
+        found.extend((path, prefix) for path in sorted(parent.glob(f"{glob.escape(prefix)}*")) if path.is_dir())
     return found
+
+
+def journal_found(folder: str | os.PathLike) -> bool:
+    """Return whether a save into `folder` has left a journal: it is running, or it was killed during its moves."""
+    target = Path(folder).resolve()
+    return target.is_dir() and any((work / _JOURNAL).is_file() for work, _ in _work_folders(target))
 
 
 def recover_interrupted_save(folder: str | os.PathLike) -> bool:
@@ -198,11 +260,12 @@ def recover_interrupted_save(folder: str | os.PathLike) -> bool:
 
     A save that an exception interrupts undoes its moves itself. Only a process killed outright leaves its journal
     behind, and then some files of the folder are new and others old. This function undoes those moves from the
-    journal and the files the save kept, and removes the save's leftover folders. It runs at the start of every
-    save into a folder and before a DaWin model loads from a local folder.
+    journal and the files the save kept, and removes the work folders of saves that ended without cleaning up. It
+    runs at the start of every save into a folder and before a DaWin model or endpoint loads from a local folder.
+    A save that is still running is left alone.
 
-    NOTE: process ids are looked up on this machine, so do not call it while another machine saves into the same
-    shared folder.
+    NOTE: a save is known to be running by its lock, so on a network filesystem without working `flock` (some
+    NFS setups), do not call it while another machine saves into the same folder.
 
     Args:
         folder (`str` or `os.PathLike`): The target folder of the earlier save.
@@ -212,30 +275,38 @@ def recover_interrupted_save(folder: str | os.PathLike) -> bool:
 
     Raises:
         OSError: If the previous files cannot be put back (for example a folder that cannot be written). The error
-            names the folder that contains them.
+            names the folder that contains them and keeps the errno of the cause.
     """
     target = Path(folder).resolve()
     if not target.is_dir():
         return False
     recovered = False
-    for backup in _abandoned_backups(target):
-        steps = _read_journal(backup)
-        if steps is None:
+    for work, prefix in _work_folders(target):
+        abandoned, descriptor = _lock_if_abandoned(work, prefix)
+        if not abandoned:
             continue
         try:
-            _roll_back(target, backup, steps)
-            (backup / _JOURNAL).unlink()
-        except OSError as error:
-            raise OSError(
-                f"A save into {target} was killed while it moved its files in, so the folder mixes new and old files. "
-                f"Putting the old files back failed: {error}. They are kept in {backup}; make {target} writable and "
-                "load or save again, which puts them back."
-            ) from error
-        shutil.rmtree(backup, ignore_errors=True)
-        logger.warning(
-            "A save into %s was killed while it moved its files in. The files it replaced have been put back.", target
-        )
-        recovered = True
+            steps = _read_journal(work / _JOURNAL)
+            if steps is not None:
+                try:
+                    _roll_back(target, work / _PREVIOUS, steps)
+                    (work / _JOURNAL).unlink()
+                except OSError as error:
+                    failure = OSError(
+                        f"A save into {target} was killed while it moved its files in, so the folder mixes new and "
+                        f"old files. Putting the old files back failed: {error}. They are kept in {work / _PREVIOUS}. "
+                        f"Make {target} writable and load or save again, which puts them back."
+                    )
+                    failure.errno = error.errno
+                    raise failure from error
+                logger.warning(
+                    "A save into %s was killed while it moved its files in. The files it replaced have been put back.",
+                    target,
+                )
+                recovered = True
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            _unlock(descriptor)
     return recovered
 
 
@@ -271,20 +342,24 @@ def save_atomically(
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     recover_interrupted_save(target)
-    _remove_abandoned_staging(target)
-    staging = _make_staging(target)
+    work = _make_work_folder(target)
+    descriptor = None
     try:
+        descriptor = _lock_work_folder(work)
+        staged = work / _STAGED
+        staged.mkdir()
         try:
-            write(staging)
+            write(staged)
         except BaseException:
             # A folder this call created is removed again, unless something else wrote into it meanwhile.
-            if created and not any(path != staging for path in target.iterdir()):
+            if created and not any(path != work for path in target.iterdir()):
                 shutil.rmtree(target, ignore_errors=True)
             raise
-        written = sorted(path.relative_to(staging) for path in staging.rglob("*") if path.is_file())
-        _commit(staging, target, written, stale)
+        written = sorted(path.relative_to(staged) for path in staged.rglob("*") if path.is_file())
+        _commit(work, target, written, stale)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        _unlock(descriptor)
     return target
 
 
