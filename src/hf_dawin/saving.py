@@ -144,7 +144,8 @@ def _lock_if_abandoned(work: Path, prefix: str) -> tuple[bool, int | None]:
     lock = work / _LOCK
     if fcntl is not None and lock.is_file():
         try:
-            descriptor = os.open(lock, os.O_RDWR)
+            # Read-only, so that a folder that cannot be written is still checked (and its recovery then reports it).
+            descriptor = os.open(lock, os.O_RDONLY)
         except OSError:
             return False, None
         try:
