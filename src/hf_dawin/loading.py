@@ -123,7 +123,8 @@ def _hub_safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
             index_name = f"{filename}.index.json"
             if not api.file_exists(filename=index_name, **request):
                 return None
-            index = huggingface_hub.hf_hub_download(filename=index_name, cache_dir=hub_kwargs.get("cache_dir"), **request)
+            cache_dir = hub_kwargs.get("cache_dir")
+            index = huggingface_hub.hf_hub_download(filename=index_name, cache_dir=cache_dir, **request)
             shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
             if not shards:
                 return None

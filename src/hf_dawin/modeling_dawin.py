@@ -62,7 +62,7 @@ from .placement import (
     resolve_dtype,
     split_device_map,
 )
-from .saving import journal_found, pop_push_arguments, recover_interrupted_save, save_atomically
+from .saving import pop_push_arguments, recover_interrupted_save, save_atomically
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -897,33 +897,28 @@ def check_local_folder(source, writer: str) -> None:
         )
 
 
-def recover_local_folder(source, load_kwargs: dict) -> None:
+def recover_local_folder(source, load_kwargs: Mapping) -> None:
     """Put back the previous files of a local folder that a killed save left half-replaced, before it loads.
 
-    transformers' Auto classes and pipelines read config.json before the model class loads, so a config passed as
-    `load_kwargs["config"]` may come from the half-replaced folder. It is then replaced in `load_kwargs` by the
-    restored config, with the values in which the caller's config differs from the half-replaced one.
+    Raises:
+        OSError: If files were put back while a config was passed in `load_kwargs["config"]`. transformers' Auto
+            classes and pipelines read config.json, and choose the model class from it, before the model class
+            loads, so that config comes from the half-replaced folder. Loading again reads the restored one.
     """
     if not isinstance(source, (str, Path)):
         return
     folder = Path(str(source)).expanduser() / (load_kwargs.get("subfolder") or "")
-    if not folder.is_dir():
+    if not folder.is_dir() or not recover_interrupted_save(folder):
         return
-    config = load_kwargs.get("config")
-    half_replaced = None
-    if isinstance(config, PreTrainedConfig) and journal_found(folder) and (folder / "config.json").is_file():
-        try:
-            half_replaced = type(config).from_pretrained(folder).to_dict()
-        except (OSError, ValueError):
-            half_replaced = None
-    if not recover_interrupted_save(folder) or half_replaced is None:
-        return
-    restored = type(config).from_pretrained(folder).to_dict()
-    changed = {key: value for key, value in config.to_dict().items() if half_replaced.get(key) != value}
-    load_kwargs["config"] = type(config).from_dict({**restored, **changed})
+    if isinstance(load_kwargs.get("config"), PreTrainedConfig):
+        raise OSError(
+            f"A save into {folder} was killed while it moved its files in, and the config passed to from_pretrained "
+            "was read from the half-replaced folder (transformers' Auto classes and pipelines read config.json "
+            "first). The previous files have been put back: load the model again."
+        )
 
 
-def check_source_loadable(source, writer: str, load_kwargs: dict) -> None:
+def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
     """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
 
     `writer` names the method that writes such folders, for the message. A local folder that a killed save left

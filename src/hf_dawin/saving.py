@@ -16,19 +16,26 @@ Each save works in its own folder, beside the target or inside it:
         journal.json   the moves, present from before the first move until after the last one
 
 The kernel releases the lock when the process dies, so a work folder whose lock is free belongs to a save that
-was killed, even where process ids are reused (containers). NOTE: files are not flushed to disk (fsync), so a
-power loss is not covered, and on systems without `fcntl` (Windows) a killed save is not recovered. This module
-uses the standard library only, because it is copied beside saved models as remote code.
+ended without cleaning up, even where process ids are reused (containers). The moves of a save and every recovery
+also hold a lock (flock) on the target folder itself, so two saves into one folder write in parallel but move
+their files in one after the other, and a journal found under that lock belongs to a killed save.
+
+NOTE: files are not flushed to disk (fsync), so a power loss is not covered. On systems without `fcntl` (Windows)
+saves are not serialised and a killed save is not recovered. A load that runs while a save moves its files in can
+read files of both saves. This module uses the standard library only, because it is copied beside saved models as
+remote code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +48,6 @@ except ImportError:  # Windows
 
 __all__ = [
     "is_weight_file",
-    "journal_found",
     "move_into_place",
     "pop_push_arguments",
     "recover_interrupted_save",
@@ -56,6 +62,9 @@ _LOCK = "lock"
 _STAGED = "staged"
 _PREVIOUS = "previous"
 _JOURNAL = "journal.json"
+# A work folder gets its lock file microseconds after it is created, so one without a lock file for this long
+# belongs to a save that was killed in between, or to an older hf_dawin.
+_LOCKLESS_SECONDS = 60.0
 
 
 def is_weight_file(name: str) -> bool:
@@ -109,12 +118,16 @@ def _make_work_folder(target: Path) -> Path:
     """
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}{_WORK_MARK}{os.getpid()}-", dir=target.parent))
+        if os.stat(work).st_dev != os.stat(target).st_dev:
+            work.rmdir()
+            work = Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
     except OSError:
-        return Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
-    if os.stat(work).st_dev == os.stat(target).st_dev:
-        return work
-    work.rmdir()
-    return Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
+        work = Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
+    # mkdtemp makes the folder private. Other users' loads must be able to read its lock and journal.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    return work
 
 
 def _lock_work_folder(work: Path) -> int | None:
@@ -125,7 +138,7 @@ def _lock_work_folder(work: Path) -> int | None:
     """
     if fcntl is None:
         return None
-    descriptor = os.open(work / f"{_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o600)
+    descriptor = os.open(work / f"{_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         os.rename(work / f"{_LOCK}.new", work / _LOCK)
@@ -135,27 +148,51 @@ def _lock_work_folder(work: Path) -> int | None:
     return descriptor
 
 
-def _lock_if_abandoned(work: Path, prefix: str) -> tuple[bool, int | None]:
+def _lock_if_abandoned(work: Path) -> tuple[bool, int | None]:
     """Return whether the save that owns `work` has ended without cleaning up, and the lock taken if so.
 
-    A work folder with a lock file is abandoned when the lock can be taken. One without (a save that is creating
-    it, or a save of an older hf_dawin) is abandoned when no process has the id in its name.
+    A work folder with a lock file is abandoned when the lock can be taken. One without is abandoned once it is
+    older than `_LOCKLESS_SECONDS`. A folder that cannot be read (another user's) counts as in use.
     """
+    if fcntl is None:
+        return False, None
     lock = work / _LOCK
-    if fcntl is not None and lock.is_file():
+    try:
+        # Read-only, so that a folder that cannot be written is still checked (and its recovery then reports it).
+        descriptor = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
         try:
-            # Read-only, so that a folder that cannot be written is still checked (and its recovery then reports it).
-            descriptor = os.open(lock, os.O_RDONLY)
+            return time.time() - work.stat().st_mtime > _LOCKLESS_SECONDS, None
         except OSError:
             return False, None
+    except OSError:
+        return False, None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return False, None
+    return True, descriptor
+
+
+@contextlib.contextmanager
+def _target_locked(target: Path):
+    """Hold an exclusive lock (flock) on the folder `target` itself while the block runs.
+
+    Where the folder cannot be opened or the filesystem has no flock, the block runs without the lock.
+    """
+    descriptor = None
+    if fcntl is not None:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            descriptor = os.open(target, os.O_RDONLY)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
         except OSError:
+            logger.debug("Saves into %s are not serialised, because the folder cannot be locked.", target)
+    try:
+        yield
+    finally:
+        if descriptor is not None:
             os.close(descriptor)
-            return False, None
-        return True, descriptor
-    pid = work.name[len(prefix) :].split("-", 1)[0]
-    return pid.isdigit() and _process_is_gone(int(pid)), None
 
 
 def _unlock(descriptor: int | None) -> None:
@@ -192,7 +229,10 @@ def _roll_back(target: Path, previous: Path, steps: list[tuple[Path, bool]]) -> 
 
 
 def _write_journal(journal: Path, steps: list[tuple[Path, bool]]) -> None:
-    """Write the moves a save is about to make. A journal cut short by a kill cannot be parsed, and no move followed it."""
+    """Write the moves a save is about to make.
+
+    A journal cut short by a kill cannot be parsed, and no move followed it.
+    """
     entries = [{"path": relative.as_posix(), "replaced": replaced} for relative, replaced in steps]
     with open(journal, "w", encoding="utf-8") as handle:
         json.dump({"format": 1, "steps": entries}, handle)
@@ -242,18 +282,20 @@ def _commit(work: Path, target: Path, written: list[Path], stale: Callable[[str]
         raise
 
 
-def _work_folders(target: Path) -> list[tuple[Path, str]]:
-    """Return the work folders of saves into `target`, beside it or inside it, each with its name prefix."""
+def _work_folders(target: Path) -> list[Path]:
+    """Return the work folders of saves into `target`, beside it or inside it."""
     found = []
     for parent, prefix in ((target.parent, f".{target.name}{_WORK_MARK}"), (target, _WORK_MARK)):
-        found.extend((path, prefix) for path in sorted(parent.glob(f"{glob.escape(prefix)}*")) if path.is_dir())
+        found.extend(path for path in sorted(parent.glob(f"{glob.escape(prefix)}*")) if path.is_dir())
     return found
 
 
-def journal_found(folder: str | os.PathLike) -> bool:
-    """Return whether a save into `folder` has left a journal: it is running, or it was killed during its moves."""
-    target = Path(folder).resolve()
-    return target.is_dir() and any((work / _JOURNAL).is_file() for work, _ in _work_folders(target))
+def _is_file(path: Path) -> bool:
+    """Return whether `path` is a file, and False where it cannot be checked (a folder of another user)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def recover_interrupted_save(folder: str | os.PathLike) -> bool:
@@ -281,21 +323,29 @@ def recover_interrupted_save(folder: str | os.PathLike) -> bool:
     target = Path(folder).resolve()
     if not target.is_dir():
         return False
+    with _target_locked(target):
+        return _recover(target)
+
+
+def _recover(target: Path) -> bool:
+    """Run [`recover_interrupted_save`] on `target` while the caller holds the target's lock."""
     recovered = False
-    for work, prefix in _work_folders(target):
-        abandoned, descriptor = _lock_if_abandoned(work, prefix)
+    for work in _work_folders(target):
+        abandoned, descriptor = _lock_if_abandoned(work)
         if not abandoned:
             continue
         try:
             steps = _read_journal(work / _JOURNAL)
             if steps is not None:
+                # An older layout kept the replaced files at the root of the work folder, beside the journal.
+                previous = work / _PREVIOUS if (work / _PREVIOUS).is_dir() else work
                 try:
-                    _roll_back(target, work / _PREVIOUS, steps)
+                    _roll_back(target, previous, steps)
                     (work / _JOURNAL).unlink()
                 except OSError as error:
                     failure = OSError(
                         f"A save into {target} was killed while it moved its files in, so the folder mixes new and "
-                        f"old files. Putting the old files back failed: {error}. They are kept in {work / _PREVIOUS}. "
+                        f"old files. Putting the old files back failed: {error}. They are kept in {previous}. "
                         f"Make {target} writable and load or save again, which puts them back."
                     )
                     failure.errno = error.errno
@@ -357,7 +407,10 @@ def save_atomically(
                 shutil.rmtree(target, ignore_errors=True)
             raise
         written = sorted(path.relative_to(staged) for path in staged.rglob("*") if path.is_file())
-        _commit(work, target, written, stale)
+        with _target_locked(target):
+            # A save into the same folder may have been killed while this one wrote its files.
+            _recover(target)
+            _commit(work, target, written, stale)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         _unlock(descriptor)
