@@ -188,8 +188,8 @@ def test_abandoned_work_folders_removed(tmp_path):
     os.utime(other_target, (an_hour_ago, an_hour_ago))
     released = saving._make_work_folder(target)
     os.close(saving._lock_work_folder(released))
-    held = saving._make_work_folder(target)
-    descriptor = saving._lock_work_folder(held)
+    in_use = saving._make_work_folder(target)
+    descriptor = saving._lock_work_folder(in_use)
 
     save_atomically(target, lambda folder: (folder / "config.json").write_text("{}"))
     os.close(descriptor)
@@ -197,7 +197,7 @@ def test_abandoned_work_folders_removed(tmp_path):
     assert not old_lockless.exists()
     assert not released.exists()
     assert new_lockless.is_dir()
-    assert held.is_dir()
+    assert in_use.is_dir()
     assert other_target.is_dir()
     assert [path.name for path in target.iterdir()] == ["config.json"]
 
@@ -352,22 +352,25 @@ def test_killed_save_in_subfolder_restored(tmp_path):
     assert _snapshot(target) == before
 
 
+# Saves a changed copy of a saved model over it, dying at the first move after `die_after` is in place. With class
+# names, the copy is relabelled. Without, its zero-shot head changes.
 _KILLED_MODEL_SAVE = """
 import os, signal, sys
 import torch
 from hf_dawin import DaWinCLIPModel, saving
 
-folder = sys.argv[1]
-model = DaWinCLIPModel.from_pretrained(folder)
-with torch.no_grad():
-    model.zero_shot_head.weight.add_(1.0)
+folder, die_after, class_names = sys.argv[1], sys.argv[2], sys.argv[3:]
+if class_names:
+    model = DaWinCLIPModel.from_pretrained(folder, class_names=class_names)
+else:
+    model = DaWinCLIPModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.zero_shot_head.weight.add_(1.0)
 replace = os.replace
-
 moved = []
 
 def replace_or_die(source, destination):
-    # Die at the first move after the new weights have replaced the old ones.
-    if "model.safetensors" in moved:
+    if die_after in moved:
         os.kill(os.getpid(), signal.SIGKILL)
     moved.append(os.path.basename(destination))
     replace(source, destination)
@@ -377,17 +380,21 @@ model.save_pretrained(folder)
 """
 
 
+def _run_killed_model_save(folder, die_after, class_names=()):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", _KILLED_MODEL_SAVE, str(folder), die_after, *class_names]
+    finished = subprocess.run(command, capture_output=True, env=environment)
+    assert finished.returncode == -9, finished.stderr.decode()
+
+
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, caplog):
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)
     before = _snapshot(folder)
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    command = [sys.executable, "-c", _KILLED_MODEL_SAVE, str(folder)]
-    finished = subprocess.run(command, capture_output=True, env=environment)
+    _run_killed_model_save(folder, "model.safetensors")
 
-    assert finished.returncode == -9, finished.stderr.decode()
     assert _snapshot(folder) != before
     with caplog.at_level("WARNING", logger="hf_dawin.saving"):
         loaded = DaWinCLIPModel.from_pretrained(folder)
@@ -396,27 +403,6 @@ def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, 
     with torch.no_grad():
         expected = tiny_model(pixel_values, mode="zero_shot").logits
         torch.testing.assert_close(loaded(pixel_values, mode="zero_shot").logits, expected)
-
-
-# Relabels a saved model and saves it again, dying at the first move after the new config.json is in place.
-_KILLED_RELABEL = """
-import os, signal, sys
-from hf_dawin import DaWinCLIPModel, saving
-
-folder = sys.argv[1]
-model = DaWinCLIPModel.from_pretrained(folder, class_names=sys.argv[2:])
-replace = os.replace
-moved = []
-
-def replace_or_die(source, destination):
-    if "config.json" in moved:
-        os.kill(os.getpid(), signal.SIGKILL)
-    moved.append(os.path.basename(destination))
-    replace(source, destination)
-
-saving.os.replace = replace_or_die
-model.save_pretrained(folder)
-"""
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
@@ -428,12 +414,9 @@ def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
     tiny_model.save_pretrained(folder)
     previous_names = list(tiny_model.config.class_names)
     new_names = [f"new {name}" for name in previous_names]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    finished = subprocess.run(
-        [sys.executable, "-c", _KILLED_RELABEL, str(folder), *new_names], capture_output=True, env=environment
-    )
-    assert finished.returncode == -9, finished.stderr.decode()
+    _run_killed_model_save(folder, "config.json", new_names)
+
     assert "new " in (folder / "config.json").read_text()
 
     # The Auto classes read the killed save's config.json before hf_dawin restores the folder, so the first load

@@ -104,6 +104,12 @@ def _floating_dtype(names) -> torch.dtype | None:
     return floating.pop() if len(floating) == 1 else None
 
 
+def _first_shard(index: Path) -> str | None:
+    """Return the first weight file that a `model.safetensors.index.json` lists, or None if it lists none."""
+    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    return shards[0] if shards else None
+
+
 def _hub_safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
     """Return the floating-point dtype of a Hub checkpoint's safetensors weights without downloading them.
 
@@ -125,10 +131,10 @@ def _hub_safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
                 return None
             cache_dir = hub_kwargs.get("cache_dir")
             index = huggingface_hub.hf_hub_download(filename=index_name, cache_dir=cache_dir, **request)
-            shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
-            if not shards:
+            shard = _first_shard(Path(index))
+            if shard is None:
                 return None
-            filename = f"{subfolder}/{shards[0]}" if subfolder else shards[0]
+            filename = f"{subfolder}/{shard}" if subfolder else shard
         header = api.parse_safetensors_file_metadata(filename=filename, **request)
     except Exception as error:  # noqa: BLE001 - the dtype is a hint, so any failure only skips it
         logger.info("Failed to read the weights' dtype of %s from the Hub, so it is not compared: %s", source, error)
@@ -148,10 +154,10 @@ def _safetensors_dtype(source, hub_kwargs: Mapping) -> torch.dtype | None:
         if index is None:
             return _hub_safetensors_dtype(source, hub_kwargs)
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shard = _first_shard(index)
         except (OSError, ValueError, KeyError, AttributeError):
             return None
-        path = _stored_file(source, shards[0], hub_kwargs) if shards else None
+        path = _stored_file(source, shard, hub_kwargs) if shard else None
         if path is None:
             return _hub_safetensors_dtype(source, hub_kwargs)
     try:

@@ -47,6 +47,7 @@ except ImportError:  # Windows
 
 
 __all__ = [
+    "current_umask",
     "is_weight_file",
     "move_into_place",
     "pop_push_arguments",
@@ -97,15 +98,20 @@ def remove_abandoned_folders(parent: Path, prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """Return the process's file mode creation mask (reading it requires setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def move_into_place(temporary: Path, path: Path) -> None:
     """Move a finished temporary file onto `path`, with the mode an ordinary new file gets under the umask.
 
     `tempfile.NamedTemporaryFile` creates files readable by their owner only, but results and figures are meant
     to be shared, so the file first gets 0644 under the usual umask 022.
     """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
+    os.chmod(temporary, 0o666 & ~current_umask())
     os.replace(temporary, path)
 
 
@@ -124,9 +130,7 @@ def _make_work_folder(target: Path) -> Path:
     except OSError:
         work = Path(tempfile.mkdtemp(prefix=f"{_WORK_MARK}{os.getpid()}-", dir=target))
     # mkdtemp makes the folder private. Other users' loads must be able to read its lock and journal.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)
+    os.chmod(work, 0o777 & ~current_umask())
     return work
 
 

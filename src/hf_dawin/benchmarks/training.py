@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging
 
-from ..saving import remove_abandoned_folders
+from ..saving import current_umask, remove_abandoned_folders
 
 
 logger = logging.get_logger(__name__)
@@ -328,9 +328,7 @@ def _remove_abandoned_work(output_path: Path) -> None:
 def _make_partial_folder(output_path: Path) -> Path:
     work_dir = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=_work_prefix(output_path, "partial")))
     # mkdtemp creates the folder readable by its owner only; give the result the usual permissions instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work_dir, 0o777 & ~umask)
+    os.chmod(work_dir, 0o777 & ~current_umask())
     return work_dir
 
 
