@@ -306,6 +306,33 @@ def test_not_converged_warns(caplog):
     assert "did not converge within max_iter=1" in caplog.text
 
 
+def test_em_stops_at_first_tol_change(known_sample):
+    values = known_sample[0][:5000]
+    settings = dict(n_components=3, n_restarts=1, random_state=0, tol=1e-6)
+    converged = BetaMixture(**settings).fit(values)
+    assert converged.converged_
+    stop = converged.n_iter_
+    assert stop > 1
+
+    # One iteration fewer: the change was still above tol, so EM must report that it did not converge.
+    cut_short = BetaMixture(max_iter=stop - 1, **settings).fit(values)
+    assert cut_short.n_iter_ == stop - 1
+    assert not cut_short.converged_
+
+    # A budget of exactly `stop` iterations reaches the same fit, and a larger budget does not go further.
+    for budget in (stop, stop + 50):
+        same = BetaMixture(max_iter=budget, **settings).fit(values)
+        assert same.converged_
+        assert same.n_iter_ == stop
+        np.testing.assert_array_equal(same.alphas_, converged.alphas_)
+        np.testing.assert_array_equal(same.weights_, converged.weights_)
+
+    # A tolerance larger than any change stops after the first iteration.
+    loose = BetaMixture(n_components=3, n_restarts=1, random_state=0, tol=1e6).fit(values)
+    assert loose.converged_
+    assert loose.n_iter_ == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Input types
 # ----------------------------------------------------------------------------------------------------------
