@@ -4,8 +4,13 @@ The uploads run the real `huggingface_hub` code against the loopback `FakeHub` o
 """
 
 import json
+import os
 import shlex
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import ModelCard, constants
@@ -223,6 +228,45 @@ def test_missing_and_foreign_results(fake_hub, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"does not contain evaluate results: .* found \['accuracy'\]"):
         load_saved_results(tmp_path)
     assert fake_hub.requests == []
+
+
+# A save of new output files into an evaluate run's folder, killed (SIGKILL) at its second move: results.json is
+# then new and results.md still old.
+_KILLED_RESULTS_SAVE = """
+import os, signal, sys
+from hf_dawin import saving
+
+replace, calls = os.replace, []
+
+def replace_or_die(source, destination):
+    calls.append(destination)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(source, destination)
+
+def write(folder):
+    (folder / "results.json").write_text('{"interrupted": true}')
+    (folder / "results.md").write_text("interrupted")
+
+saving.os.replace = replace_or_die
+saving.save_atomically(sys.argv[1], write)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_killed_output_save_restored(pair_results_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(pair_results_dir, output_dir)
+    expected = json.loads((pair_results_dir / "results.json").read_text())
+
+    finished = subprocess.run([sys.executable, "-c", _KILLED_RESULTS_SAVE, str(output_dir)], capture_output=True)
+    assert finished.returncode == -signal.SIGKILL, finished.stderr.decode()
+    assert json.loads((output_dir / "results.json").read_text()) == {"interrupted": True}
+
+    results, kind = load_saved_results(output_dir)
+    assert kind == "pair"
+    assert results == expected
+    assert (output_dir / "results.md").read_text() == (pair_results_dir / "results.md").read_text()
 
 
 def test_offline_mode_fails_first(tmp_path):

@@ -1,6 +1,7 @@
 """Atomic saves: an interrupted save leaves the previous files intact and no staging folder behind."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -276,6 +277,71 @@ def test_save_killed_after_last_move_kept(tmp_path):
     assert _snapshot(target) == expected
     save_atomically(target, lambda folder: (folder / "config.json").write_text("next config"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+# A save run in a child process that sends itself a signal at its first call of os.replace (during the moves) or
+# while it writes its files (before the moves).
+_SIGNALLED_SAVE = """
+import os, signal, sys
+from hf_dawin import saving
+
+target, signal_name, when = sys.argv[1], sys.argv[2], sys.argv[3]
+number = getattr(signal, signal_name)
+replace = os.replace
+
+def replace_after_signal(source, destination):
+    os.kill(os.getpid(), number)
+    replace(source, destination)
+
+def write(folder):
+    (folder / "config.json").write_text("new config")
+    if when == "write":
+        os.kill(os.getpid(), number)
+    (folder / "model.safetensors").write_text("new weights")
+
+if when == "moves":
+    saving.os.replace = replace_after_signal
+saving.save_atomically(target, write)
+print("save returned")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="the test sends POSIX signals")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_termination_waits_for_moves(tmp_path, signal_name):
+    target = tmp_path / "out"
+    _previous_save(target)
+
+    command = [sys.executable, "-c", _SIGNALLED_SAVE, str(target), signal_name, "moves"]
+    finished = subprocess.run(command, capture_output=True, text=True)
+
+    assert finished.returncode == -getattr(signal, signal_name), finished.stderr
+    assert "save returned" not in finished.stdout
+    assert f"{signal_name} arrived while a save moved its files in" in finished.stderr
+    expected = {"config.json": b"new config", "model.safetensors": b"new weights", "README.md": b"kept"}
+    assert _snapshot(target) == expected
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test sends POSIX signals")
+def test_termination_during_write_immediate(tmp_path):
+    target = tmp_path / "out"
+    before = _previous_save(target)
+
+    command = [sys.executable, "-c", _SIGNALLED_SAVE, str(target), "SIGTERM", "write"]
+    finished = subprocess.run(command, capture_output=True, text=True)
+
+    assert finished.returncode == -signal.SIGTERM, finished.stderr
+    assert "arrived while a save" not in finished.stderr
+    assert _snapshot(target) == before
+    assert saving.recover_interrupted_save(target) is False
+    assert _snapshot(target) == before
+
+
+def test_termination_handlers_restored(tmp_path):
+    handlers = {number: signal.getsignal(number) for number in saving._DEFERRED_SIGNALS}
+    save_atomically(tmp_path / "out", lambda folder: (folder / "config.json").write_text("config"))
+    assert {number: signal.getsignal(number) for number in saving._DEFERRED_SIGNALS} == handlers
 
 
 @pytest.mark.skipif(saving.fcntl is None, reason="saves are locked with fcntl")

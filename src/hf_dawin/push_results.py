@@ -18,6 +18,7 @@ from huggingface_hub import is_offline_mode
 from transformers.utils import logging
 
 from .cli import one_line
+from .saving import recover_interrupted_save
 
 
 logger = logging.get_logger(__name__)
@@ -52,6 +53,8 @@ def load_saved_results(path: str | Path) -> tuple[dict, str]:
     """
     path = Path(path)
     file = path / RESULTS_FILE if path.is_dir() else path
+    # A run killed while it moved its output files in leaves a mix of two runs' files until they are put back.
+    recover_interrupted_save(file.parent)
     if not file.is_file():
         raise FileNotFoundError(
             f"No evaluation results at {file}. Pass the --output-dir of an `hf-dawin evaluate` or "

@@ -3,9 +3,10 @@
 An interrupted write (an error, a full disk, Ctrl-C) leaves the target folder as it was, because nothing reaches
 it until every file is complete. Each file then replaces its previous version with `os.replace`, which is atomic
 on one filesystem. Before the first move, the save writes a journal of its moves and keeps each file that a move
-replaces. An exception during the moves puts the replaced files back at once. A process killed outright (SIGKILL,
-the out-of-memory killer) during the moves leaves the journal behind, and the next save into the folder, or the
-next load of a DaWin model from it, puts the previous files back ([`recover_interrupted_save`]).
+replaces. An exception during the moves puts the replaced files back at once. SIGTERM and SIGHUP wait until the
+moves are done. A process killed outright (SIGKILL, the out-of-memory killer) during the moves leaves the journal
+behind, and the next save into the folder, or the next load of a DaWin model from it, puts the previous files back
+([`recover_interrupted_save`]).
 
 Each save works in its own folder, beside the target or inside it:
 
@@ -34,7 +35,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +69,9 @@ _JOURNAL = "journal.json"
 # A work folder gets its lock file microseconds after it is created, so one without a lock file for this long
 # belongs to a save that was killed in between, or to an older hf_dawin.
 _LOCKLESS_SECONDS = 60.0
+# Signals that end a process by default and that launchers send. torchrun and `accelerate launch` send SIGTERM to
+# the other ranks when one fails, Slurm and `docker stop` send it to stop a job, and closing a terminal sends SIGHUP.
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def is_weight_file(name: str) -> bool:
@@ -286,6 +292,44 @@ def _commit(work: Path, target: Path, written: list[Path], stale: Callable[[str]
         raise
 
 
+class _TerminationDeferral:
+    """Hold SIGTERM and SIGHUP from `start()` until the `with` block ends, then deliver them to their handlers.
+
+    A save's moves and clean-up are renames and hard links that usually take milliseconds, so a termination request
+    waits for the save to finish instead of leaving the folder half-replaced. Python runs signal handlers in the main
+    thread only, so in other threads nothing is held. A signal whose handler was not set from Python
+    (`signal.getsignal` returns None), or is SIG_IGN, is left alone.
+    """
+
+    def __init__(self):
+        self._received: list[int] = []
+        self._previous_handlers: dict = {}
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in _DEFERRED_SIGNALS:
+            handler = signal.getsignal(number)
+            if handler is None or handler == signal.SIG_IGN:
+                continue
+            self._previous_handlers[number] = handler
+            signal.signal(number, self._hold)
+
+    def _hold(self, number: int, frame) -> None:
+        self._received.append(number)
+
+    def __enter__(self) -> _TerminationDeferral:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(self._received):
+            logger.warning("%s arrived while a save moved its files in. It is delivered now that the save has ended.",
+                           signal.Signals(number).name)
+            signal.raise_signal(number)
+
+
 def _work_folders(target: Path) -> list[Path]:
     """Return the work folders of saves into `target`, beside it or inside it."""
     found = []
@@ -399,25 +443,28 @@ def save_atomically(
     recover_interrupted_save(target)
     work = _make_work_folder(target)
     descriptor = None
-    try:
-        descriptor = _lock_work_folder(work)
-        staged = work / _STAGED
-        staged.mkdir()
+    with _TerminationDeferral() as deferral:
         try:
-            write(staged)
-        except BaseException:
-            # A folder this call created is removed again, unless something else wrote into it meanwhile.
-            if created and not any(path != work for path in target.iterdir()):
-                shutil.rmtree(target, ignore_errors=True)
-            raise
-        written = sorted(path.relative_to(staged) for path in staged.rglob("*") if path.is_file())
-        with _target_locked(target):
-            # A save into the same folder may have been killed while this one wrote its files.
-            _recover(target)
-            _commit(work, target, written, stale)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        _unlock(descriptor)
+            descriptor = _lock_work_folder(work)
+            staged = work / _STAGED
+            staged.mkdir()
+            try:
+                write(staged)
+            except BaseException:
+                # A folder this call created is removed again, unless something else wrote into it meanwhile.
+                if created and not any(path != work for path in target.iterdir()):
+                    shutil.rmtree(target, ignore_errors=True)
+                raise
+            written = sorted(path.relative_to(staged) for path in staged.rglob("*") if path.is_file())
+            # From here on, SIGTERM and SIGHUP wait until the moves and the clean-up are done.
+            deferral.start()
+            with _target_locked(target):
+                # A save into the same folder may have been killed while this one wrote its files.
+                _recover(target)
+                _commit(work, target, written, stale)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            _unlock(descriptor)
     return target
 
 
