@@ -132,7 +132,9 @@ def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed rounds; each round runs every mode once (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's setting)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's setting). With more than one, CPU time counts "
+                             "every thread, waiting included, so the plot and the summary compare wall time instead")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the endpoints (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of the heads (default: %(default)s)")
@@ -613,6 +615,18 @@ def check_targets(results: dict) -> dict | None:
     return {"targets": TARGETS, **checks}
 
 
+def ratio_clock(results: dict) -> str:
+    """Return the clock whose ratios measure work: CPU time with one CPU thread, wall time otherwise.
+
+    With several threads, CPU time adds up every thread's time, including threads that wait for work, so its
+    ratios depend on scheduling more than on the work done. On a GPU, CPU time does not count the device's work.
+    """
+    machine = results.get("machine", {})
+    if machine.get("device", "cpu") == "cpu" and machine.get("torch_threads") == 1:
+        return "cpu"
+    return "wall"
+
+
 def plot_results(results: dict, path: Path) -> None:
     """Plot mode cost ratios per size and peak memory against batch size."""
     import matplotlib
@@ -622,12 +636,14 @@ def plot_results(results: dict, path: Path) -> None:
 
     sizes = list(results["sizes"])
     names = [name for name in TIMED_MODES if name != "forward"] + list(REFERENCE_MODES)
+    clock = ratio_clock(results)
+    ratio_key = "cpu_ratio_to_forward" if clock == "cpu" else "ratio_to_forward"
     figure, (ratios_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(len(sizes), 1)
     for offset, size in enumerate(sizes):
         entry = results["sizes"][size]
-        values = [entry["modes"][name]["cpu_ratio_to_forward"] for name in names if name in entry["modes"]]
-        values += [entry[name]["cpu_ratio_to_forward"] for name in REFERENCE_MODES if name in entry]
+        values = [entry["modes"][name][ratio_key] for name in names if name in entry["modes"]]
+        values += [entry[name][ratio_key] for name in REFERENCE_MODES if name in entry]
         positions = np.arange(len(names)) + (offset - (len(sizes) - 1) / 2) * width
         bars = ratios_axis.bar(positions, values, width, label=f"{size} (batch {entry['batch_size']})")
         ratios_axis.bar_label(bars, fmt="%.1f", fontsize=7)
@@ -642,7 +658,7 @@ def plot_results(results: dict, path: Path) -> None:
             ratios_axis.text(len(names) - 0.5, target, label, fontsize=7, ha="right", va="bottom", color="gray")
     ratios_axis.set_yscale("log")
     ratios_axis.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-    ratios_axis.set_ylabel("CPU time / one endpoint forward (log scale)")
+    ratios_axis.set_ylabel(f"{'CPU' if clock == 'cpu' else 'wall'} time / one endpoint forward (log scale)")
     ratios_axis.set_title("Cost per batch relative to one endpoint forward")
     ratios_axis.legend(fontsize=8)
 
@@ -686,6 +702,9 @@ def print_summary(results: dict) -> None:
               f"({components['ratio_to_forward']:.2f} x forward)")
     fit = results["mixture_fit"]
     print(f"\nBeta mixture fit on {fit['num_values']} coefficients: {fit['seconds']:.3f} s")
+    if ratio_clock(results) == "wall":
+        print("The CPU-time ratios are not a measure of work with several threads or on a GPU: compare the wall-time "
+              "ratios, or run with --threads 1 on a CPU.")
     if results.get("targets"):
         for clock in ("wall", "cpu"):
             met = {name: check["met"] for name, check in results["targets"][clock].items()}

@@ -135,3 +135,34 @@ def test_targets_compare_both_clocks():
     assert {name for name, check in targets["cpu"].items() if not check["met"]} == {
         "sample_ratio", "mixture_ratio", "sample_speedup_over_reference", "mixture_fit_seconds"
     }
+
+
+@pytest.mark.parametrize(
+    ("machine", "clock"),
+    [
+        ({"device": "cpu", "torch_threads": 1}, "cpu"),
+        ({"device": "cpu", "torch_threads": 2}, "wall"),
+        ({"device": "cuda", "torch_threads": 1}, "wall"),
+        ({}, "wall"),
+    ],
+)
+def test_ratio_clock_cpu_only_single_thread(machine, clock):
+    script = _load_script()
+    assert script.ratio_clock({"machine": machine}) == clock
+
+
+def test_plot_axis_names_clock(tiny_run, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    script = _load_script()
+    output, _ = tiny_run
+    results = json.loads(output.read_text())
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda axis, label, **kwargs: labels.append(label))
+
+    script.plot_results(results, tmp_path / "one_thread.png")
+    results["machine"]["torch_threads"] = 2
+    script.plot_results(results, tmp_path / "two_threads.png")
+
+    assert labels[0] == "CPU time / one endpoint forward (log scale)"
+    assert labels[2] == "wall time / one endpoint forward (log scale)"
