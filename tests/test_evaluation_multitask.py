@@ -310,6 +310,7 @@ def test_command_errors_name_the_task_dataset(tmp_path, tiny_pair_dirs, capsys):
         (["--task-dataset", "a=b"], "--task-dataset needs a model"),
         (["--model", "m", "--task-dataset", "ab"], "expects TASK=SOURCE"),
         (["--model", "m", "--pretrained", "p", "--fine-tuned", "f", "--task-dataset", "a=b"], "not both"),
+        (["--model", "m", "--pretrained", "p", "--task-dataset", "a=b"], "not both"),
         (["--model", "m", "--task-dataset", "a=b", "--scale", "0"], "--scale must be a positive number"),
         (["--model", "m", "--task-dataset", "a=b", "--task-dataset", "a=c"], r"but \['a'\] appear more than once"),
         (["--split", "validation", "--templates", "t.txt"], "--split, --templates are used only with your own"),

@@ -163,6 +163,26 @@ def test_load_checks_setting_overrides(tiny_model, tmp_path, override, message):
         DaWinCLIPModel.from_pretrained(tmp_path, **override)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("mode", "bogus", "Unknown DaWin mode 'bogus'"),
+        ("alpha", 3.0, "alpha"),
+        ("temperatures", [0.0, 1.0], "emperature"),
+        ("n_components", 0, "n_components must be a positive integer, received 0"),
+    ],
+)
+def test_save_rejects_invalid_setting(tiny_model, tmp_path, setting, value, message):
+    tiny_model.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    setattr(tiny_model.config, setting, value)
+    with pytest.raises(ValueError, match=message):
+        tiny_model.save_pretrained(tmp_path)
+
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 @torch.no_grad()
 def test_save_load_round_trip(tiny_model, pixel_values, tmp_path):
     tiny_model.fit_mixture(torch.tensor([0.1, 0.2, 0.5, 0.55, 0.9, 0.95]), n_components=2)

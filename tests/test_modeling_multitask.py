@@ -413,6 +413,32 @@ def test_load_rejects_bad_overrides(model, tmp_path, overrides, message):
         DaWinMultiTaskCLIPModel.from_pretrained(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("scale", -1.0, "scale"),
+        ("mode", "bogus", "Unknown multi-task DaWin mode 'bogus'"),
+        ("ties_density", 1.5, "ties_density"),
+        ("ties_scale", 0.0, "ties_scale"),
+    ],
+)
+def test_save_rejects_invalid_setting(model, tmp_path, setting, value, message):
+    model.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    setattr(model.config, setting, value)
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(tmp_path)
+
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_task_arithmetic_rejects_invalid_scale(model, images):
+    model.config.scale = -1.0
+    with pytest.raises(ValueError, match="scale"):
+        model(images, mode="task_arithmetic")
+
+
 def test_labels_outside_task_classes(model, images):
     labels = torch.tensor([0, 1, 2, 3, 7])
     with pytest.raises(ValueError, match=r"labels \[7\] are outside the model's 4 classes .*config.tasks\['animals'\]"):

@@ -457,10 +457,10 @@ def parse_multitask_arguments(argv: Sequence[str]) -> MultiTaskEvaluateArguments
 def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
     evaluation_dtype(arguments.dtype)  # rejects a precision request it cannot run before any work starts
     endpoints_given = arguments.pretrained is not None or bool(arguments.fine_tuned)
-    if endpoints_given and (arguments.pretrained is None or not arguments.fine_tuned):
-        raise SystemExit("error: --pretrained needs at least one --fine-tuned endpoint, and the other way round.")
     if endpoints_given and arguments.model is not None:
         raise SystemExit("error: give either --model or --pretrained with --fine-tuned, not both.")
+    if endpoints_given and (arguments.pretrained is None or not arguments.fine_tuned):
+        raise SystemExit("error: --pretrained needs at least one --fine-tuned endpoint, and the other way round.")
     if arguments.model is not None and local_model_type(arguments.model) == "dawin_clip":
         raise SystemExit(
             f"error: --model {arguments.model} is a DaWin pair (model type 'dawin_clip'), not a multi-task model. "

@@ -192,13 +192,17 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save the config, every endpoint and head (safetensors), and the processor if any.
 
-        The files are written into a staging folder and then moved into `save_directory`, so an interrupted save
-        leaves the files of an earlier save intact (see `hf_dawin.saving`).
+        Raises a ValueError naming an invalid setting of the config (see `config.check_settings`) before anything is
+        written. The files are written into a staging folder and then moved into `save_directory`, so an interrupted
+        save leaves the files of an earlier save intact (see `hf_dawin.saving`).
 
         The module files of the model are copied beside the weights and `config.json` gets an `auto_map`, so
         `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)` and `AutoModel` load the
         folder where hf_dawin is not installed.
         """
+        # Settings assigned to the config after construction are not checked, and from_pretrained would reject a
+        # folder saved with an invalid one, so they are checked before anything is written.
+        self.config.check_settings()
         # `register_for_auto_class` (end of each model's module) adds the AutoConfig and
         # AutoModelForImageClassification entries when the files are copied. The AutoModel entry is added here.
         module_name = type(self).__module__.rsplit(".", 1)[-1]

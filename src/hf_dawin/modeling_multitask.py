@@ -700,7 +700,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         if mode == "pretrained":
             return torch.zeros(num_fine_tuned)
         if mode == "task_arithmetic":
-            return torch.full((num_fine_tuned,), self.config.scale)
+            return torch.full((num_fine_tuned,), check_scale(self.config.scale))
         if mode == "weight_average":
             return torch.full((num_fine_tuned,), 1.0 / num_fine_tuned)
         if mode == "dataset_mean":
