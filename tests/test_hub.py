@@ -28,6 +28,7 @@ from transformers import CLIPModel, pipeline
 from hf_dawin import DaWinCLIPModel
 from hf_dawin.cli import main
 from hf_dawin.evaluation import EvaluationSet, EvaluationSettings, evaluate_pair, summarize
+from hf_dawin.heads import build_zero_shot_head, encode_image_features
 from hf_dawin.hub import (
     RESULTS_END_MARKER,
     RESULTS_START_MARKER,
@@ -443,6 +444,35 @@ def test_save_merged_static_alpha(pair_model, tmp_path):
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
     torch.testing.assert_close(merged.state_dict()[key], 0.75 * zero_shot[key] + 0.25 * fine_tuned[key])
     assert "static coefficient" in ModelCard.load(folder / "README.md").text
+
+
+def test_merged_card_warns_text_tower_changed(pair_model, tmp_path):
+    (folder,) = save_merged_components(pair_model, tmp_path, alphas=[0.5])
+    text = ModelCard.load(folder / "README.md").text
+    assert "Fine-tuning changed the text tower" in text
+    assert "matches hf_dawin's static mode" not in text
+
+
+def test_merged_card_shared_text_tower_matches(tiny_endpoints, tiny_processor, tmp_path):
+    zero_shot, fine_tuned = copy.deepcopy(tiny_endpoints[0]), copy.deepcopy(tiny_endpoints[1])
+    vision_side = ("vision_model.", "visual_projection.")
+    text_side = {name: value for name, value in zero_shot.state_dict().items() if not name.startswith(vision_side)}
+    fine_tuned.load_state_dict(text_side, strict=False)
+    model = DaWinCLIPModel.from_pretrained_pair(
+        zero_shot, fine_tuned, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor
+    )
+
+    (folder,) = save_merged_components(model, tmp_path, alphas=[0.3])
+    assert "matches hf_dawin's static mode at the same α" in ModelCard.load(folder / "README.md").text
+
+    # The claim holds: the exported checkpoint's own zero-shot classifier gives hf_dawin's static logits.
+    merged = CLIPModel.from_pretrained(folder)
+    head = build_zero_shot_head(merged, tiny_processor.tokenizer, TINY_CLASS_NAMES, TINY_TEMPLATES)
+    pixel_values = torch.randn(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        own_logits = encode_image_features(merged, pixel_values).float() @ head.T
+        dawin_logits = model(pixel_values=pixel_values, mode="static", alpha=0.3).logits
+    torch.testing.assert_close(own_logits, dawin_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_save_merged_close_alphas_get_separate_folders(pair_model, tmp_path):

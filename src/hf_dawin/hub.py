@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
@@ -874,11 +875,22 @@ def build_merged_model_card(
         )
     else:
         origin = "α is a static coefficient, as in WiSE-FT weight-space ensembles."
-    head_block = ""
     if (config.head_sources or {}).get("fine_tuned") == "linear":
         head_block = (
             "The fine-tuned endpoint brought a trained linear head, which a `CLIPModel` cannot hold, so zero-shot "
             "classification with this checkpoint uses the interpolated text tower instead.\n\n"
+        )
+    elif not _text_sides_equal(model):
+        head_block = (
+            "Zero-shot classification with this checkpoint embeds the prompts with its interpolated text tower. "
+            "hf_dawin's static and mixture modes instead interpolate the two endpoints' zero-shot heads, each "
+            "embedded with that endpoint's own text tower. Fine-tuning changed the text tower, so this checkpoint's "
+            "predictions can differ slightly from hf_dawin's at the same α, and so can its accuracy.\n\n"
+        )
+    else:
+        head_block = (
+            "Both endpoints have the same text tower, so zero-shot classification with this checkpoint, given the "
+            "same class names and prompt templates, matches hf_dawin's static mode at the same α.\n\n"
         )
     base_models = _base_models(config)
     labels = ", ".join(f'"{name}"' for name in config.class_names[:3])
@@ -903,6 +915,13 @@ def build_merged_model_card(
         label_example=labels,
         citation=CITATION,
     )
+
+
+def _text_sides_equal(model) -> bool:
+    """Return whether both endpoints have the same text tower, text projection and logit scale."""
+    zero_shot, fine_tuned = model.zero_shot.state_dict(), model.fine_tuned.state_dict()
+    text_side = [name for name in zero_shot if not name.startswith(("vision_model.", "visual_projection."))]
+    return all(torch.equal(zero_shot[name], fine_tuned[name].to(zero_shot[name].device)) for name in text_side)
 
 
 def _component_alphas(model, alphas: Sequence[float] | None) -> list[tuple[float, int | None]]:
