@@ -122,7 +122,7 @@ def test_non_finite_logits_name_endpoint(bad):
         compute_coefficients(logits, broken)
 
 
-@pytest.mark.parametrize("temperatures", [(0.0, 1.0), (1.0, -1.0), (1.0,), (float("nan"), 1.0)])
+@pytest.mark.parametrize("temperatures", [(0.0, 1.0), (1.0, -1.0), (1.0,), (float("nan"), 1.0), 2.0, "1,1"])
 def test_bad_temperatures(temperatures):
     with pytest.raises(ValueError, match="temperature"):
         compute_coefficients(torch.zeros(2, 2), torch.zeros(2, 2), temperatures=temperatures)

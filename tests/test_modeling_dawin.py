@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from hf_dawin import BetaMixture, DaWinCLIPConfig, DaWinCLIPModel, entropy, entropy_statistics, interpolate_state_dicts
 from hf_dawin.coefficients import coefficients_from_entropies
 
-from .conftest import TINY_CLASS_NAMES, TINY_TEMPLATES, make_clip, tiny_clip_config
+from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_clip, tiny_clip_config
 
 
 @torch.no_grad()
@@ -138,6 +138,17 @@ def test_save_warns_offset_without_statistics(tiny_model, pixel_values, tmp_path
     with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
         tiny_model.save_pretrained(tmp_path / "calibrated")
     assert "entropy statistics" not in caplog.text
+
+
+def test_load_warns_mixture_without_fit(tiny_model, tmp_path, caplog):
+    tiny_model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
+        DaWinCLIPModel.from_pretrained(tmp_path)
+    assert "without a fitted Beta mixture" not in caplog.text
+
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
+        DaWinCLIPModel.from_pretrained(tmp_path, mode="mixture")
+    assert "Loaded a model in mode='mixture' without a fitted Beta mixture" in caplog.text
 
 
 def test_load_rejects_unknown_mode(tiny_model, tmp_path):
@@ -454,6 +465,19 @@ def test_non_positive_temperatures(tiny_endpoints, tiny_processor, temperatures)
         )
 
 
+def test_coefficients_outside_unit_interval_listed(tiny_model, pixel_values):
+    coefficients = torch.tensor([0.5, 1.5, 0.2, float("nan"), 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"but 2 do not \(batch index: value\) \{1: 1\.5, 3: nan\}"):
+        tiny_model(pixel_values=pixel_values, coefficients=coefficients)
+
+
+@torch.no_grad()
+def test_nan_logits_in_static_mode(tiny_model, pixel_values):
+    tiny_model.zero_shot_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="The zero-shot endpoint produced NaN .*; predictions would be undefined"):
+        tiny_model(pixel_values=pixel_values, mode="zero_shot")
+
+
 @torch.no_grad()
 def test_nan_logits_name_the_endpoint(tiny_model, pixel_values):
     tiny_model.fine_tuned_head.weight[0, 0] = float("nan")
@@ -547,8 +571,21 @@ def test_nan_pixels_rejected_in_fixed_weight_modes(tiny_model, pixel_values, mod
 
 
 def test_wrong_channel_count_rejected(tiny_model, pixel_values):
-    with pytest.raises(ValueError, match=r"Expected pixel_values of shape \(batch_size, 3, height, width\)"):
+    size = TINY_IMAGE_SIZE
+    with pytest.raises(ValueError, match=rf"Expected pixel_values of shape \(batch_size, 3, {size}, {size}\)"):
         tiny_model(pixel_values=pixel_values[:, :1])
+
+
+def test_wrong_image_size_rejected(tiny_model, pixel_values):
+    larger = torch.nn.functional.pad(pixel_values, (0, 4, 0, 4))
+    with pytest.raises(ValueError, match=r"received \(6, 3, .*\)\. Preprocess images with the model's image"):
+        tiny_model(pixel_values=larger)
+
+
+def test_coefficients_ignored_warning(tiny_model, pixel_values, caplog):
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_dawin"):
+        tiny_model(pixel_values=pixel_values, mode="static", coefficients=torch.full((6,), 0.3))
+    assert "coefficients are used by the dynamic modes only; mode='static' ignores them" in caplog.text
 
 
 def test_labels_outside_classes_rejected(tiny_model, pixel_values):

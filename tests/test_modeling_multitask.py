@@ -628,5 +628,8 @@ def test_bad_coefficients_and_pixels_rejected(model, images):
         model.interpolated_logits(images, "animals", torch.zeros(images.shape[0], 2))
     with pytest.raises(ValueError, match="batch_size >= 1"):
         model(pixel_values=images[0])
+    larger = torch.nn.functional.pad(images, (0, 4, 0, 4))
+    with pytest.raises(ValueError, match=r"received \(\d+, 3, .*\)\. Preprocess images with the model's image"):
+        model(pixel_values=larger)
     with pytest.raises(ValueError, match="needs pixel_values"):
         model(task="animals")

@@ -196,6 +196,7 @@ def test_retry_command_flags():
     [
         (["--method", "no_such_method"], "has no scores for method 'no_such_method'. Its methods are ["),
         (["--alpha", "0.3"], "do not include the model's static alpha 0.3"),
+        (["--method", "oracle"], "reads each image's label, so its scores are not results of a model"),
     ],
 )
 def test_pair_rejects_unknown_scores(fake_hub, pair_results_dir, capsys, extra, message):

@@ -20,7 +20,7 @@ Everything here is computed in float32, whatever the dtype of the logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,7 +92,13 @@ def _relative_spread(std: float, mean: float) -> float:
     return 0.0 if mean < _MIN_MEAN_ENTROPY else std / mean
 
 
-def check_finite_logits(logits: torch.Tensor, endpoint: str, *, checkpoints: str | None = None) -> None:
+def check_finite_logits(
+    logits: torch.Tensor,
+    endpoint: str,
+    *,
+    checkpoints: str | None = None,
+    consequence: str = "coefficients would be undefined",
+) -> None:
     """Raise if `logits` of `endpoint` contain NaN or infinite values.
 
     Args:
@@ -100,6 +106,7 @@ def check_finite_logits(logits: torch.Tensor, endpoint: str, *, checkpoints: str
         endpoint (`str`): Name of the endpoint, used in the error message.
         checkpoints (`str`, *optional*): The checkpoints the message asks to check; defaults to the endpoint's
             own ("the zero-shot checkpoint").
+        consequence (`str`, *optional*): What the non-finite values break, for the message.
 
     Raises:
         ValueError: If any value is not finite. The message names the endpoint and the affected samples.
@@ -112,7 +119,7 @@ def check_finite_logits(logits: torch.Tensor, endpoint: str, *, checkpoints: str
     checkpoints = checkpoints or f"the {endpoint} checkpoint"
     raise ValueError(
         f"The {endpoint} endpoint produced NaN or infinite logits for {len(bad_rows)} sample(s) (batch indices "
-        f"{shown}{' ...' if len(bad_rows) > len(shown) else ''}); coefficients would be undefined. Check that "
+        f"{shown}{' ...' if len(bad_rows) > len(shown) else ''}); {consequence}. Check that "
         f"{checkpoints} loaded correctly and that the inputs are finite and normalised as the image processor "
         "expects."
     )
@@ -124,6 +131,11 @@ def check_temperatures(temperatures: Sequence[float]) -> tuple[float, float]:
     Raises:
         ValueError: If there are not exactly two temperatures or one is not a positive finite number.
     """
+    if isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Iterable):
+        raise ValueError(
+            f"Expected two temperatures (zero_shot, fine_tuned), received {temperatures!r}. Pass a pair such as "
+            "(1.0, 1.0), or the same value twice to scale both endpoints alike."
+        )
     values = tuple(temperatures)
     if len(values) != 2:
         raise ValueError(

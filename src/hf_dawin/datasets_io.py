@@ -145,7 +145,10 @@ def _is_single_class_folder(path: Path) -> bool:
 
 def _load_local(path: Path, split: str | None, cache_dir: str | None) -> datasets.Dataset:
     if not path.exists():
-        raise FileNotFoundError(f"Evaluation dataset directory {str(path)!r} does not exist.")
+        raise FileNotFoundError(
+            f"Evaluation dataset directory {str(path)!r} does not exist. Pass an imagefolder directory, the output "
+            "folder of Dataset.save_to_disk, or a Hub dataset id."
+        )
     if not path.is_dir():
         raise ValueError(
             f"Evaluation dataset source {str(path)!r} is a file. Pass a directory: an image folder with one "

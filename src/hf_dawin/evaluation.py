@@ -296,7 +296,10 @@ def collect_endpoint_predictions(
         step=f"the endpoint pass over set '{evaluation_set.name}'", progress=progress, state=state,
     )  # fmt: skip
     if rows["indices"].numel() == 0:
-        raise ValueError(f"Evaluation set '{evaluation_set.name}' yielded no readable images.")
+        raise ValueError(
+            f"Evaluation set '{evaluation_set.name}' yielded no readable images. Check that its image column holds "
+            "images that PIL can open. A warning above counts the skipped images and names the first."
+        )
     predictions = SetPredictions(
         zero_shot_logits=rows["zero_shot"],
         fine_tuned_logits=rows["fine_tuned"],
@@ -470,7 +473,10 @@ def evaluate_pair(
         )
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
-        raise ValueError(f"Evaluation set names must be distinct, received {names}.")
+        raise ValueError(
+            f"Evaluation set names must be distinct, received {names}. Give each set its own name, for example "
+            "--shift-dataset NAME=SOURCE on the command line."
+        )
     alphas = sorted({float(alpha) for alpha in settings.alphas} | {0.5})
     for alpha in alphas:
         if not 0.0 <= alpha <= 1.0:

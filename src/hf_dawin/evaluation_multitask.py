@@ -180,7 +180,10 @@ def collect_task_predictions(
         step=f"the endpoint pass over task '{task}'", progress=progress, state=state,
     )  # fmt: skip
     if rows["indices"].numel() == 0:
-        raise ValueError(f"The evaluation set of task '{task}' yielded no readable images.")
+        raise ValueError(
+            f"The evaluation set of task '{task}' yielded no readable images. Check that its image column holds "
+            "images that PIL can open. A warning above counts the skipped images and names the first."
+        )
     predictions = TaskPredictions(
         pretrained_logits=rows["pretrained"],
         fine_tuned_logits=rows["fine_tuned"],

@@ -269,8 +269,14 @@ def eval_results_from(
         `list[EvalResult]`, in the order of `results["sets"]`.
 
     Raises:
-        ValueError: If `method` has no scores in `results`, or `static_alpha` is not part of the sweep.
+        ValueError: If `method` has no scores in `results`, is the label-reading `"oracle"`, or `static_alpha` is not
+            part of the sweep.
     """
+    if method == "oracle":
+        raise ValueError(
+            "The oracle output ensemble reads each image's label, so its scores are not results of a model and do "
+            "not go into model-index. Report a method that the model runs, such as 'dawin_sample' or 'dawin_mixture'."
+        )
     sets = results["sets"]
     sources = results.get("dataset_sources") or {}
     dataset_args = subset_dataset_args(results.get("settings") or {})

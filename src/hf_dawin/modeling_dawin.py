@@ -211,20 +211,24 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         self.config.auto_map = auto_map
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
-        if getattr(self.config, "mode", None) == "mixture" and not getattr(self.config, "mixture", None):
-            logger.warning(
-                "Saving a model in mode='mixture' without a fitted Beta mixture; its forward pass and pipelines will "
-                "raise until model.calibrate(...) or model.fit_mixture(...) is called. Fit it before saving."
-            )
-        if getattr(self.config, "offset_adjustment", False) and not getattr(self.config, "entropy_statistics", None):
-            logger.warning(
-                "Saving a model with offset_adjustment=True but no entropy statistics; its forward pass and pipelines "
-                "will raise until model.calibrate(...) is called on a calibration set. Calibrate it before saving."
-            )
+        self._warn_if_uncalibrated("Saving", "Calibrate it before saving.")
         push = pop_push_arguments(save_directory, kwargs)
         save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
         if push is not None:
             self.push_to_hub(push.pop("repo_id"), **push)
+
+    def _warn_if_uncalibrated(self, action: str, advice: str) -> None:
+        """Warn if the configured settings need a calibration that the model lacks, so its forward pass will raise."""
+        if getattr(self.config, "mode", None) == "mixture" and not getattr(self.config, "mixture", None):
+            logger.warning(
+                f"{action} a model in mode='mixture' without a fitted Beta mixture; its forward pass and pipelines "
+                f"will raise until model.calibrate(...) or model.fit_mixture(...) is called. {advice}"
+            )
+        if getattr(self.config, "offset_adjustment", False) and not getattr(self.config, "entropy_statistics", None):
+            logger.warning(
+                f"{action} a model with offset_adjustment=True but no entropy statistics; its forward pass and "
+                f"pipelines will raise until model.calibrate(...) is called on a calibration set. {advice}"
+            )
 
     def push_to_hub(
         self,
@@ -539,6 +543,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         # Settings passed as keyword arguments (mode="...") reach the config unchecked, so they are checked here,
         # before the first image.
         model.config.check_settings()
+        model._warn_if_uncalibrated("Loaded", "Calibrate it before the first image.")
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "DaWin model", max_memory=requested_memory)
         return model
@@ -815,13 +820,16 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         if pixel_values is None:
             raise ValueError("DaWinCLIPModel needs pixel_values of shape (batch_size, 3, height, width).")
         channels = self.config.clip_config.vision_config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != channels:
+        size = self.config.clip_config.vision_config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or tuple(pixel_values.shape[1:]) != (channels, size, size):
             raise ValueError(
-                f"Expected pixel_values of shape (batch_size, {channels}, height, width) with batch_size >= 1, "
+                f"Expected pixel_values of shape (batch_size, {channels}, {size}, {size}) with batch_size >= 1, "
                 f"received {tuple(pixel_values.shape)}. Preprocess images with the model's image processor."
             )
         if alpha is not None and mode != "static":
             logger.warning_once(f"alpha is used by mode='static' only; mode={mode!r} ignores it.")
+        if coefficients is not None and mode in ("zero_shot", "fine_tuned", "static"):
+            logger.warning_once(f"coefficients are used by the dynamic modes only; mode={mode!r} ignores them.")
 
         zero_shot_logits = fine_tuned_logits = zero_shot_entropy = fine_tuned_entropy = components = None
         if mode in ("zero_shot", "fine_tuned", "static"):
@@ -838,7 +846,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
                 logits = self.static_logits(pixel_values, weight)
             names = {"zero_shot": "zero-shot", "fine_tuned": "fine-tuned", "static": f"merged (alpha={weight:g})"}
             checkpoints = "the zero-shot and fine-tuned checkpoints" if mode == "static" else None
-            check_finite_logits(logits, names[mode], checkpoints=checkpoints)
+            check_finite_logits(logits, names[mode], checkpoints=checkpoints, consequence="predictions would be undefined")
             batch_coefficients = torch.full((pixel_values.shape[0],), weight, device=pixel_values.device)
         else:
             # Score both endpoints, then compute the per-sample coefficients from their entropies.
@@ -1247,8 +1255,14 @@ def _check_coefficients(coefficients: torch.Tensor, batch_size: int) -> torch.Te
     coefficients = torch.as_tensor(coefficients, dtype=torch.float32).reshape(-1)
     if coefficients.shape[0] != batch_size:
         raise ValueError(f"Expected {batch_size} coefficients (one per image), received {coefficients.shape[0]}.")
-    if not bool(((coefficients >= 0) & (coefficients <= 1)).all()):
-        raise ValueError("Coefficients must lie in [0, 1] (the weight on the fine-tuned endpoint).")
+    outside = (~((coefficients >= 0) & (coefficients <= 1))).nonzero().flatten().tolist()
+    if outside:
+        shown = {index: coefficients[index].item() for index in outside[:10]}
+        raise ValueError(
+            f"Coefficients must lie in [0, 1] (the weight on the fine-tuned endpoint), but {len(outside)} do not "
+            f"(batch index: value) {shown}{' ...' if len(outside) > len(shown) else ''}. Clip them to [0, 1] or "
+            "check how they were computed."
+        )
     return coefficients
 
 

@@ -840,10 +840,12 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
             raise ValueError("DaWinMultiTaskCLIPModel needs pixel_values of shape (batch_size, 3, height, width).")
-        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+        vision_config = self.config.clip_config.vision_config
+        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"Expected pixel_values of shape (batch_size, 3, height, width) with batch_size >= 1, received "
-                f"{tuple(pixel_values.shape)}. Preprocess images with the model's image processor."
+                f"Expected pixel_values of shape (batch_size, {', '.join(map(str, expected))}) with batch_size >= 1, "
+                f"received {tuple(pixel_values.shape)}. Preprocess images with the model's image processor."
             )
         batch_size = pixel_values.shape[0]
 
