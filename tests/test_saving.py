@@ -1,5 +1,6 @@
 """Atomic saves: an interrupted save leaves the previous files intact and no staging folder behind."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_dawin import DaWinCLIPModel
+from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel
 from hf_dawin import saving
 from hf_dawin.modeling_dawin import recover_local_folder
 from hf_dawin.saving import pop_push_arguments, save_atomically
@@ -236,6 +237,31 @@ saving.save_atomically(target, write)
 
 def _run_killed_save(target, kill_at):
     finished = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(target), str(kill_at)], capture_output=True)
+    assert finished.returncode == -9, finished.stderr.decode()
+
+
+# A save that copies the files of `source` into `target` and kills itself (SIGKILL) at its Nth call of os.replace.
+_KILLED_COPY_SAVE = """
+import os, shutil, signal, sys
+from hf_dawin import saving
+
+source, target, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+replace, calls = os.replace, []
+
+def replace_or_die(origin, destination):
+    calls.append(destination)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(origin, destination)
+
+saving.os.replace = replace_or_die
+saving.save_atomically(target, lambda folder: shutil.copytree(source, folder, dirs_exist_ok=True))
+"""
+
+
+def _run_killed_save_of(source, target, kill_at):
+    command = [sys.executable, "-c", _KILLED_COPY_SAVE, str(source), str(target), str(kill_at)]
+    finished = subprocess.run(command, capture_output=True)
     assert finished.returncode == -9, finished.stderr.decode()
 
 
@@ -472,6 +498,23 @@ def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, 
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_restored_config_of_other_type_asks_reload(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    before = _snapshot(folder)
+    # A save of another model type, killed (SIGKILL) at its second move, after config.json moved in.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "dawin_multitask_clip"}))
+    _run_killed_save_of(tmp_path / "other", folder, kill_at=2)
+    assert "dawin_multitask_clip" in (folder / "config.json").read_text()
+
+    load_kwargs = {"config": DaWinCLIPConfig.from_dict(json.loads((folder / "config.json").read_text()))}
+    with pytest.raises(OSError, match="with another model type: load the model again"):
+        recover_local_folder(folder, load_kwargs)
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 @pytest.mark.parametrize("loader", ["auto", "pipeline"])
 def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
     from transformers import AutoModelForImageClassification, pipeline
@@ -480,22 +523,24 @@ def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
     tiny_model.save_pretrained(folder)
     previous_names = list(tiny_model.config.class_names)
     new_names = [f"new {name}" for name in previous_names]
+    before = _snapshot(folder)
 
     _run_killed_model_save(folder, "config.json", new_names)
 
     assert "new " in (folder / "config.json").read_text()
 
-    # The Auto classes read the killed save's config.json before hf_dawin restores the folder, so the first load
-    # fails, and the next one reads the restored files. The pipeline retries the load by itself.
+    # The Auto classes read the killed save's config.json before hf_dawin restores the folder. hf_dawin then
+    # rebuilds that config from the restored file and keeps the keyword arguments (mode="zero_shot").
     if loader == "auto":
-        with pytest.raises(OSError, match="load the model again"):
-            AutoModelForImageClassification.from_pretrained(folder, mode="zero_shot")
-        model = AutoModelForImageClassification.from_pretrained(folder, mode="zero_shot")
+        model = AutoModelForImageClassification.from_pretrained(folder, mode="zero_shot", dtype=torch.bfloat16)
         assert model.config.class_names == previous_names
         assert model.config.mode == "zero_shot"
         assert list(model.config.id2label.values()) == previous_names
     else:
-        classifier = pipeline("image-classification", model=str(folder))
+        classifier = pipeline("image-classification", model=str(folder), dtype=torch.bfloat16)
+        model = classifier.model
         image = Image.new("RGB", (40, 40), "white")
         labels = [result["label"] for result in classifier(image, top_k=len(previous_names))]
         assert sorted(labels) == sorted(previous_names)
+    assert model.zero_shot.dtype == torch.bfloat16
+    assert _snapshot(folder) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import logging
+from transformers.utils import CONFIG_NAME, logging
 
 from .coefficients import (
     EntropyStatistics,
@@ -909,28 +910,66 @@ def check_local_folder(source, writer: str) -> None:
         )
 
 
-def recover_local_folder(source, load_kwargs: Mapping) -> None:
+def recover_local_folder(source, load_kwargs: dict) -> None:
     """Put back the previous files of a local folder that a killed save left half-replaced, before it loads.
 
+    transformers' Auto classes and pipelines read config.json, and choose the model class from it, before the model
+    class loads, so a config passed in `load_kwargs["config"]` may come from the half-replaced folder. When the
+    recovery changes config.json, that config is rebuilt from the restored file, and the attributes in which it
+    differed from the half-replaced file (settings passed as keyword arguments, such as `mode="zero_shot"`) are
+    applied again. `load_kwargs["config"]` is replaced in place.
+
     Raises:
-        OSError: If files were put back while a config was passed in `load_kwargs["config"]`. transformers' Auto
-            classes and pipelines read config.json, and choose the model class from it, before the model class
-            loads, so that config comes from the half-replaced folder. Loading again reads the restored one.
+        OSError: If the restored config.json is of another model type than the passed config, so that another
+            model class must load it. Loading again reads the restored folder.
     """
     if not isinstance(source, (str, Path)):
         return
     folder = Path(str(source)).expanduser() / (load_kwargs.get("subfolder") or "")
-    if not folder.is_dir() or not recover_interrupted_save(folder):
+    if not folder.is_dir():
         return
-    if isinstance(load_kwargs.get("config"), PreTrainedConfig):
+    config = load_kwargs.get("config")
+    passed_from = _read_config_file(folder) if isinstance(config, PreTrainedConfig) else None
+    if not recover_interrupted_save(folder) or passed_from is None:
+        return
+    restored = _read_config_file(folder)
+    if restored == passed_from:
+        return
+    if restored is None or restored.get("model_type") != passed_from.get("model_type"):
         raise OSError(
             f"A save into {folder} was killed while it moved its files in, and the config passed to from_pretrained "
             "was read from the half-replaced folder (transformers' Auto classes and pipelines read config.json "
-            "first). The previous files have been put back: load the model again."
+            "first). The previous files have been put back, with another model type: load the model again."
         )
+    load_kwargs["config"] = _rebuild_config(config, passed_from, restored)
 
 
-def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
+def _read_config_file(folder: Path) -> dict | None:
+    """Return the parsed config.json of `folder`, or None if it is missing or not a JSON object."""
+    try:
+        parsed = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _rebuild_config(config: PreTrainedConfig, passed_from: dict, restored: dict) -> PreTrainedConfig:
+    """Rebuild `config` from the `restored` file and keep the attributes that the caller changed.
+
+    The caller's changes are the attributes in which `config` differs from a config built from `passed_from`, the
+    file that `config` was read from.
+    """
+    config_class = type(config)
+    as_read = config_class.from_dict(passed_from).to_dict()
+    rebuilt = config_class.from_dict(restored)
+    for name, value in config.to_dict().items():
+        if name != "transformers_version" and as_read.get(name, object()) != value:
+            setattr(rebuilt, name, getattr(config, name, value))
+    rebuilt._name_or_path = config._name_or_path
+    return rebuilt
+
+
+def check_source_loadable(source, writer: str, load_kwargs: dict) -> None:
     """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
 
     `writer` names the method that writes such folders, for the message. A local folder that a killed save left
