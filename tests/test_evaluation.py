@@ -503,6 +503,15 @@ def test_cli_rejects_malformed_alphas(capsys):
         (["--split", "validation"], "--split is used only with your own model and datasets"),
         (["--templates", "t.txt", "--class-names", "c.txt"], "--class-names, --templates are used only with"),
         (["--shift-dataset", "a=b"], "--shift-dataset is used only with"),
+        (
+            ["--zero-shot", "z", "--fine-tuned", "f", "--id-dataset", "data/pets", "--shift-dataset", "s=x",
+             "--shift-dataset", "s=y"],
+            r"set names must be distinct, but \['s'\] appear more than once in \['pets', 's', 's'\]",
+        ),
+        (
+            ["--zero-shot", "z", "--fine-tuned", "f", "--id-dataset", "data/pets", "--shift-dataset", "pets=x"],
+            r"\['pets'\] appear more than once .* named after the last part of --id-dataset",
+        ),
     ],
 )
 def test_cli_rejects_arguments_before_loading(arguments, message, tmp_path):

@@ -550,6 +550,21 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
     for entry in arguments.shift_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --shift-dataset expects NAME=SOURCE, received {entry!r}.")
+    names = [entry.split("=", 1)[0] for entry in arguments.shift_datasets]
+    if arguments.id_dataset is not None and not arguments.suite:
+        names.insert(0, _id_set_name(arguments.id_dataset))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SystemExit(
+            f"error: evaluation set names must be distinct, but {repeated} appear more than once in {names} (the "
+            "in-distribution set is named after the last part of --id-dataset). Give each --shift-dataset its own "
+            "NAME."
+        )
+
+
+def _id_set_name(id_dataset: str) -> str:
+    """Return the name of the in-distribution set: the last part of its path or Hub id."""
+    return Path(id_dataset).name or "id"
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -717,7 +732,7 @@ def _custom_benchmark(arguments: EvaluateArguments):
         id_projection = None
         if id_names is not None:
             id_projection = in_distribution_projection(class_names, id_names, model_wordnet_ids=wordnet_ids)
-        id_name = Path(arguments.id_dataset).name or "id"
+        id_name = _id_set_name(arguments.id_dataset)
         sets = [
             _with_shards(
                 build_evaluation_set(
