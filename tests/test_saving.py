@@ -509,7 +509,7 @@ def test_restored_config_of_other_type_asks_reload(tiny_model, tmp_path):
     assert "dawin_multitask_clip" in (folder / "config.json").read_text()
 
     load_kwargs = {"config": DaWinCLIPConfig.from_dict(json.loads((folder / "config.json").read_text()))}
-    with pytest.raises(OSError, match="with another model type: load the model again"):
+    with pytest.raises(OSError, match="missing or of another model type: load the model again"):
         recover_local_folder(folder, load_kwargs)
     assert _snapshot(folder) == before
 

@@ -920,8 +920,8 @@ def recover_local_folder(source, load_kwargs: dict) -> None:
     applied again. `load_kwargs["config"]` is replaced in place.
 
     Raises:
-        OSError: If the restored config.json is of another model type than the passed config, so that another
-            model class must load it. Loading again reads the restored folder.
+        OSError: If the restored folder has no config.json, or one of another model type than the passed config,
+            which another model class must load. Loading again reads the restored folder.
     """
     if not isinstance(source, (str, Path)):
         return
@@ -939,7 +939,8 @@ def recover_local_folder(source, load_kwargs: dict) -> None:
         raise OSError(
             f"A save into {folder} was killed while it moved its files in, and the config passed to from_pretrained "
             "was read from the half-replaced folder (transformers' Auto classes and pipelines read config.json "
-            "first). The previous files have been put back, with another model type: load the model again."
+            "first). The previous files have been put back, and their config.json is missing or of another model "
+            "type: load the model again."
         )
     load_kwargs["config"] = _rebuild_config(config, passed_from, restored)
 
