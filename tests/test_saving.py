@@ -273,6 +273,50 @@ def _previous_save(target):
     return _snapshot(target)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the synced paths from /proc/self/fd")
+def test_files_synced_before_moves(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _previous_save(target)
+    events = []
+    fsync, replace, unlink = os.fsync, os.replace, os.unlink
+
+    def record_fsync(descriptor):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def record_replace(source, destination):
+        events.append(("replace", str(destination)))
+        replace(source, destination)
+
+    def record_unlink(path, *args, **kwargs):
+        events.append(("unlink", str(path)))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    monkeypatch.setattr(os, "unlink", record_unlink)
+
+    def write(folder):
+        (folder / "config.json").write_text("new config")
+        (folder / "model.safetensors").write_text("new weights")
+
+    save_atomically(target, write)
+
+    moves = [index for index, (kind, path) in enumerate(events) if kind == "replace"]
+    synced = [(index, path) for index, (kind, path) in enumerate(events) if kind == "sync"]
+    removals = [index for index, (kind, path) in enumerate(events) if kind == "unlink" and path.endswith("journal.json")]
+    journal_removed = removals[0]
+
+    # Before the first move: the staged files' data and the journal.
+    for suffix in ("/staged/config.json", "/staged/model.safetensors", "/journal.json"):
+        assert any(index < moves[0] and path.endswith(suffix) for index, path in synced), suffix
+    # The hard link that keeps the replaced config.json is on disk before config.json is replaced.
+    config_move = next(index for index in moves if events[index][1] == str(target.resolve() / "config.json"))
+    assert any(index < config_move and path.endswith("/previous") for index, path in synced)
+    # The target folder's new entries are on disk before the journal that would undo them goes.
+    assert any(moves[-1] < index < journal_removed and path == str(target.resolve()) for index, path in synced)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
 def test_killed_save_rolled_back(tmp_path, kill_at):

@@ -21,10 +21,13 @@ ended without cleaning up, even where process ids are reused (containers). The m
 also hold a lock (flock) on the target folder itself, so two saves into one folder write in parallel but move
 their files in one after the other, and a journal found under that lock belongs to a killed save.
 
-NOTE: files are not flushed to disk (fsync), so a power loss is not covered. On systems without `fcntl` (Windows)
-saves are not serialised and a killed save is not recovered. A load that runs while a save moves its files in can
-read files of both saves. This module uses the standard library only, because it is copied beside saved models as
-remote code.
+Every written file, the journal and each changed folder are flushed to disk (fsync) before the step that relies on
+them. After a power loss during the moves, the journal and the kept files are therefore on disk for the recovery,
+on filesystems that honour fsync.
+
+NOTE: on systems without `fcntl` (Windows) saves are not serialised and a killed save is not recovered. A load that
+runs while a save moves its files in can read files of both saves. This module uses the standard library only,
+because it is copied beside saved models as remote code.
 """
 
 from __future__ import annotations
@@ -109,6 +112,37 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk with fsync, so that it survives a power loss.
+
+    Folders are skipped where they cannot be opened or synced (Windows, some FUSE filesystems), because there a
+    rename is made durable by the filesystem itself or not at all.
+    """
+    is_folder = path.is_dir()
+    try:
+        descriptor = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_folder else 0))
+    except OSError:
+        if is_folder:
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not is_folder:
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _sync_folders(root: Path, relatives) -> None:
+    """Sync `root` and every folder between it and the files at the `relatives` paths inside it."""
+    folders = {root}
+    for relative in relatives:
+        folders.update(root / parent for parent in Path(relative).parents)
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        _sync(folder)
 
 
 def move_into_place(temporary: Path, path: Path) -> None:
@@ -221,6 +255,7 @@ def _keep_copy(path: Path, copy: Path) -> None:
     except OSError:
         partial = copy.with_name(f"{copy.name}.partial")
         shutil.copy2(path, partial)
+        _sync(partial)
         os.replace(partial, copy)
 
 
@@ -246,6 +281,9 @@ def _write_journal(journal: Path, steps: list[tuple[Path, bool]]) -> None:
     entries = [{"path": relative.as_posix(), "replaced": replaced} for relative, replaced in steps]
     with open(journal, "w", encoding="utf-8") as handle:
         json.dump({"format": 1, "steps": entries}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _sync(journal.parent)
 
 
 def _read_journal(journal: Path) -> list[tuple[Path, bool]] | None:
@@ -281,11 +319,16 @@ def _commit(work: Path, target: Path, written: list[Path], stale: Callable[[str]
             destination.parent.mkdir(parents=True, exist_ok=True)
             if replaced:
                 _keep_copy(destination, previous / relative)
+                # After a power loss, recovery takes a missing copy to mean that the move did not happen.
+                _sync_folders(previous, [relative])
             os.replace(staged / relative, destination)
         for relative in removed:
             os.replace(target / relative, previous / relative)
+        _sync_folders(previous, removed)
+        _sync_folders(target, [relative for relative, _ in steps])
         # The save is complete once the journal is gone.
         journal.unlink()
+        _sync(work)
     except BaseException:
         if journal.exists():
             _roll_back(target, previous, steps)
@@ -389,6 +432,7 @@ def _recover(target: Path) -> bool:
                 previous = work / _PREVIOUS if (work / _PREVIOUS).is_dir() else work
                 try:
                     _roll_back(target, previous, steps)
+                    _sync_folders(target, [relative for relative, _ in steps])
                     (work / _JOURNAL).unlink()
                 except OSError as error:
                     failure = OSError(
@@ -456,6 +500,10 @@ def save_atomically(
                     shutil.rmtree(target, ignore_errors=True)
                 raise
             written = sorted(path.relative_to(staged) for path in staged.rglob("*") if path.is_file())
+            # The files' data reaches the disk before any rename makes them part of the target.
+            for relative in written:
+                _sync(staged / relative)
+            _sync_folders(staged, written)
             # From here on, SIGTERM and SIGHUP wait until the moves and the clean-up are done.
             deferral.start()
             with _target_locked(target):
