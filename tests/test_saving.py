@@ -497,7 +497,7 @@ from hf_dawin import DaWinCLIPModel, saving
 
 folder, die_after, class_names = sys.argv[1], sys.argv[2], sys.argv[3:]
 if class_names:
-    model = DaWinCLIPModel.from_pretrained(folder, class_names=class_names)
+    model = DaWinCLIPModel.from_pretrained(folder, class_names=class_names, mode="static", alpha=0.2)
 else:
     model = DaWinCLIPModel.from_pretrained(folder)
     with torch.no_grad():
@@ -543,6 +543,8 @@ def test_killed_model_save_restored_on_load(tiny_model, tmp_path, pixel_values, 
 
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 def test_restored_config_of_other_type_asks_reload(tiny_model, tmp_path):
+    from transformers import AutoModelForImageClassification
+
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)
     before = _snapshot(folder)
@@ -552,15 +554,31 @@ def test_restored_config_of_other_type_asks_reload(tiny_model, tmp_path):
     _run_killed_save_of(tmp_path / "other", folder, kill_at=2)
     assert "dawin_multitask_clip" in (folder / "config.json").read_text()
 
-    load_kwargs = {"config": DaWinCLIPConfig.from_dict(json.loads((folder / "config.json").read_text()))}
-    with pytest.raises(OSError, match="missing or of another model type: load the model again"):
-        recover_local_folder(folder, load_kwargs)
+    with pytest.raises(OSError, match="of model type 'dawin_clip', not 'dawin_multitask_clip': load the model again"):
+        AutoModelForImageClassification.from_pretrained(folder)
+    assert _snapshot(folder) == before
+    assert isinstance(AutoModelForImageClassification.from_pretrained(folder), DaWinCLIPModel)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_config_read_before_recovery_rejected(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    before = _snapshot(folder)
+    _run_killed_model_save(folder, "config.json", ["w", "x", "y", "z"])
+
+    # A config read from the half-replaced folder without hf_dawin's recovery, then passed to the model class.
+    config = DaWinCLIPConfig(**json.loads((folder / "config.json").read_text()))
+    with pytest.raises(OSError, match="The previous files have been put back: load the config and the model again"):
+        recover_local_folder(folder, {"config": config})
     assert _snapshot(folder) == before
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 @pytest.mark.parametrize("loader", ["auto", "pipeline"])
-def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
+# The killed save was in mode "static" with alpha 0.2: arguments equal to its values must be kept too.
+@pytest.mark.parametrize("arguments", [{"mode": "zero_shot"}, {"mode": "static", "alpha": 0.2}])
+def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader, arguments):
     from transformers import AutoModelForImageClassification, pipeline
 
     folder = tmp_path / "model"
@@ -573,18 +591,19 @@ def test_killed_save_restored_before_auto_config(tiny_model, tmp_path, loader):
 
     assert "new " in (folder / "config.json").read_text()
 
-    # The Auto classes read the killed save's config.json before hf_dawin restores the folder. hf_dawin then
-    # rebuilds that config from the restored file and keeps the keyword arguments (mode="zero_shot").
+    # The Auto classes read the killed save's config.json first. hf_dawin puts the previous files back while the
+    # config is built, reads config.json again, and applies the keyword arguments to it.
     if loader == "auto":
-        model = AutoModelForImageClassification.from_pretrained(folder, mode="zero_shot", dtype=torch.bfloat16)
-        assert model.config.class_names == previous_names
-        assert model.config.mode == "zero_shot"
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.bfloat16, **arguments)
         assert list(model.config.id2label.values()) == previous_names
     else:
-        classifier = pipeline("image-classification", model=str(folder), dtype=torch.bfloat16)
+        classifier = pipeline("image-classification", model=str(folder), dtype=torch.bfloat16, model_kwargs=arguments)
         model = classifier.model
         image = Image.new("RGB", (40, 40), "white")
         labels = [result["label"] for result in classifier(image, top_k=len(previous_names))]
         assert sorted(labels) == sorted(previous_names)
+    assert model.config.class_names == previous_names
+    for name, value in arguments.items():
+        assert getattr(model.config, name) == value
     assert model.zero_shot.dtype == torch.bfloat16
     assert _snapshot(folder) == before

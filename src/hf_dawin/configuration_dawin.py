@@ -8,6 +8,7 @@ from transformers import CLIPConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .coefficients import check_temperatures
+from .config_recovery import RecoveringConfigMixin
 from .heads import check_class_names
 
 
@@ -39,7 +40,7 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-class DaWinCLIPConfig(PreTrainedConfig):
+class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
     r"""Configuration of a [`DaWinCLIPModel`]: two CLIP endpoints of one architecture and how to interpolate them.
 
     Args:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.utils import logging
 
+from .config_recovery import RecoveringConfigMixin
 from .heads import check_class_names
 
 
@@ -90,7 +91,7 @@ def _order_tasks(tasks: dict[str, list[str]], task_order: Sequence[str] | None) 
     return {name: tasks[name] for name in task_order}
 
 
-class DaWinMultiTaskCLIPConfig(PreTrainedConfig):
+class DaWinMultiTaskCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
     r"""Configuration of a [`DaWinMultiTaskCLIPModel`]: a pre-trained CLIP, T fine-tuned CLIPs and the tasks.
 
     With task vectors tau_t = theta_t - theta_0, the model classifies an image x of a task with the weights

@@ -910,39 +910,30 @@ def check_local_folder(source, writer: str) -> None:
         )
 
 
-def recover_local_folder(source, load_kwargs: dict) -> None:
+def recover_local_folder(source, load_kwargs: Mapping) -> None:
     """Put back the previous files of a local folder that a killed save left half-replaced, before it loads.
 
-    transformers' Auto classes and pipelines read config.json, and choose the model class from it, before the model
-    class loads, so a config passed in `load_kwargs["config"]` may come from the half-replaced folder. When the
-    recovery changes config.json, that config is rebuilt from the restored file, and the attributes in which it
-    differed from the half-replaced file (settings passed as keyword arguments, such as `mode="zero_shot"`) are
-    applied again. `load_kwargs["config"]` is replaced in place.
+    The Auto classes and pipelines restore the folder while they build the config (see
+    `hf_dawin.config_recovery`), so their config already comes from the restored config.json.
 
     Raises:
-        OSError: If the restored folder has no config.json, or one of another model type than the passed config,
-            which another model class must load. Loading again reads the restored folder.
+        OSError: If putting the files back changed config.json while a config read before was passed in
+            `load_kwargs["config"]`. Loading again reads the restored folder.
     """
     if not isinstance(source, (str, Path)):
         return
     folder = Path(str(source)).expanduser() / (load_kwargs.get("subfolder") or "")
     if not folder.is_dir():
         return
-    config = load_kwargs.get("config")
-    passed_from = _read_config_file(folder) if isinstance(config, PreTrainedConfig) else None
+    passed_from = _read_config_file(folder) if isinstance(load_kwargs.get("config"), PreTrainedConfig) else None
     if not recover_interrupted_save(folder) or passed_from is None:
         return
-    restored = _read_config_file(folder)
-    if restored == passed_from:
-        return
-    if restored is None or restored.get("model_type") != passed_from.get("model_type"):
+    if _read_config_file(folder) != passed_from:
         raise OSError(
             f"A save into {folder} was killed while it moved its files in, and the config passed to from_pretrained "
-            "was read from the half-replaced folder (transformers' Auto classes and pipelines read config.json "
-            "first). The previous files have been put back, and their config.json is missing or of another model "
-            "type: load the model again."
+            "was read from the half-replaced folder. The previous files have been put back: load the config and "
+            "the model again."
         )
-    load_kwargs["config"] = _rebuild_config(config, passed_from, restored)
 
 
 def _read_config_file(folder: Path) -> dict | None:
@@ -954,23 +945,7 @@ def _read_config_file(folder: Path) -> dict | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _rebuild_config(config: PreTrainedConfig, passed_from: dict, restored: dict) -> PreTrainedConfig:
-    """Rebuild `config` from the `restored` file and keep the attributes that the caller changed.
-
-    The caller's changes are the attributes in which `config` differs from a config built from `passed_from`, the
-    file that `config` was read from.
-    """
-    config_class = type(config)
-    as_read = config_class.from_dict(passed_from).to_dict()
-    rebuilt = config_class.from_dict(restored)
-    for name, value in config.to_dict().items():
-        if name != "transformers_version" and as_read.get(name, object()) != value:
-            setattr(rebuilt, name, getattr(config, name, value))
-    rebuilt._name_or_path = config._name_or_path
-    return rebuilt
-
-
-def check_source_loadable(source, writer: str, load_kwargs: dict) -> None:
+def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
     """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
 
     `writer` names the method that writes such folders, for the message. A local folder that a killed save left
