@@ -339,6 +339,14 @@ def test_repush_with_shards_deletes_old_weights(fake_hub, hub_model):
     assert "README.md" in files
 
 
+def test_push_invalid_setting_sends_nothing(fake_hub, hub_model):
+    hub_model.config.alpha = 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        hub_model.push_to_hub("my-org/tiny-dawin")
+    assert fake_hub.requests == []
+    assert "my-org/tiny-dawin" not in fake_hub.repos
+
+
 def test_pushed_card_metadata(fake_hub, hub_model, results):
     push_dawin_to_hub(hub_model, "my-org/tiny-dawin", results=results)
 

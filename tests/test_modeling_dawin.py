@@ -174,6 +174,25 @@ def test_load_checks_setting_overrides(tiny_model, tmp_path, override, message):
         DaWinCLIPModel.from_pretrained(tmp_path, **override)
 
 
+def test_save_rejects_class_names_unlike_heads(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    tiny_model.config.class_names = ["a", "b"]
+    with pytest.raises(ValueError, match=r"zero_shot_head.weight: config gives \(2, \d+\), model has \(4, \d+\)"):
+        tiny_model.save_pretrained(tmp_path)
+
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_single_temperature_rejected(tiny_endpoints, tiny_processor):
+    with pytest.raises(ValueError, match="Expected two temperatures .* received 2.0"):
+        DaWinCLIPModel.from_pretrained_pair(
+            *tiny_endpoints, class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES, processor=tiny_processor,
+            temperatures=2.0,
+        )
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [

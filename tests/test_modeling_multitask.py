@@ -433,6 +433,24 @@ def test_save_rejects_invalid_setting(model, tmp_path, setting, value, message):
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+def test_save_rejects_tasks_unlike_heads(model, tmp_path):
+    tasks = dict(model.config.tasks)
+    first = next(iter(tasks))
+    tasks[first] = tasks[first][:1]
+    model.config.tasks = tasks
+    with pytest.raises(ValueError, match="The config no longer matches the model's weights"):
+        model.save_pretrained(tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["task_arithmetic", "weight_average", "pretrained", "ties"])
+def test_nan_pixels_rejected_in_static_modes(model, images, mode):
+    images = images.clone()
+    images[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"The merged \({mode}\) endpoint produced NaN .*predictions would be undefined"):
+        model(pixel_values=images, mode=mode)
+
+
 def test_task_arithmetic_rejects_invalid_scale(model, images):
     model.config.scale = -1.0
     with pytest.raises(ValueError, match="scale"):

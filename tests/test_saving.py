@@ -561,6 +561,24 @@ def test_restored_config_of_other_type_asks_reload(tiny_model, tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
+def test_killed_first_save_auto_load_explained(tiny_model, tmp_path, caplog):
+    from transformers import AutoModelForImageClassification
+
+    tiny_model.save_pretrained(tmp_path / "saved")
+    folder = tmp_path / "new"
+    # Killed at the move after config.json's, so config.json is in place.
+    names = sorted(path.name for path in (tmp_path / "saved").iterdir())
+    _run_killed_save_of(tmp_path / "saved", folder, kill_at=names.index("config.json") + 2)
+    assert (folder / "config.json").is_file()
+
+    with caplog.at_level("WARNING", logger="hf_dawin.saving"):
+        with pytest.raises(OSError, match="It was the first save into that folder, so its files have been removed"):
+            AutoModelForImageClassification.from_pretrained(folder)
+    assert "It replaced no files, so the files it had moved in have been removed" in caplog.text
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills a process with SIGKILL")
 def test_config_read_before_recovery_rejected(tiny_model, tmp_path):
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)

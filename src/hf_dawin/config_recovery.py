@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from transformers import PreTrainedConfig
+from transformers.utils import CONFIG_NAME
 
 from .saving import recover_interrupted_save
 
@@ -42,6 +43,11 @@ class RecoveringConfigMixin:
         # The Auto classes pass the folder whose config.json they read as `name_or_path`.
         source = kwargs.get("name_or_path")
         if _recover_local(source):
+            if not (Path(source).expanduser() / CONFIG_NAME).is_file():
+                raise OSError(
+                    f"A save into {source} was killed while it moved its files in. It was the first save into that "
+                    f"folder, so its files have been removed and no {CONFIG_NAME} is left: save the model again."
+                )
             config_dict, _ = PreTrainedConfig.get_config_dict(source)
             if config_dict.get("model_type") != cls.model_type:
                 raise OSError(

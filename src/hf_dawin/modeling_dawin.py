@@ -204,6 +204,7 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         # Settings assigned to the config after construction are not checked, and from_pretrained would reject a
         # folder saved with an invalid one, so they are checked before anything is written.
         self.config.check_settings()
+        self._check_config_matches_weights()
         # `register_for_auto_class` (end of each model's module) adds the AutoConfig and
         # AutoModelForImageClassification entries when the files are copied. The AutoModel entry is added here.
         module_name = type(self).__module__.rsplit(".", 1)[-1]
@@ -217,6 +218,26 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         save_atomically(save_directory, lambda folder: self._write_files(folder, *args, **kwargs))
         if push is not None:
             self.push_to_hub(push.pop("repo_id"), **push)
+
+    def _check_config_matches_weights(self) -> None:
+        """Raise a ValueError if `from_pretrained` could not load these weights with this config.
+
+        A model is built from a copy of the config on the meta device, which allocates no memory, and the names and
+        shapes of its weights are compared with this model's. This catches config edits that disagree with the
+        weights, such as class names of another length than the heads.
+        """
+        config = type(self.config).from_dict(self.config.to_dict())
+        with torch.device("meta"):
+            expected = {name: tuple(value.shape) for name, value in type(self)(config).state_dict().items()}
+        actual = {name: tuple(value.shape) for name, value in self.state_dict().items()}
+        differing = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+        if differing:
+            details = [f"{name}: config gives {expected.get(name)}, model has {actual.get(name)}" for name in differing[:5]]
+            raise ValueError(
+                f"The config no longer matches the model's weights, so the saved folder could not be loaded: "
+                f"{'; '.join(details)}{' ...' if len(differing) > 5 else ''}. Set the config back to the values the "
+                "model was built with (for example as many class names as the heads have rows)."
+            )
 
     def _warn_if_uncalibrated(self, action: str, advice: str) -> None:
         """Warn if the configured settings need a calibration that the model lacks, so its forward pass will raise."""
@@ -253,6 +274,9 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         Returns:
             `huggingface_hub.CommitInfo` of the commit.
         """
+        # Checked before any request, so that an invalid setting does not leave an empty repository behind.
+        self.config.check_settings()
+        self._check_config_matches_weights()
         # Imported by name at run time: transformers copies every relatively imported module into remote-code
         # folders and requires every imported package to be installed, so the Hub code stays out of them. A
         # remote-code copy without hf_dawin falls back to the generic upload.
@@ -490,7 +514,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             class_names=names,
             mode=mode,
             alpha=alpha,
-            temperatures=list(temperatures),
+            temperatures=list(check_temperatures(temperatures)),
             offset_adjustment=offset_adjustment,
             n_components=n_components,
             zero_shot_name_or_path=zero_shot_source,

@@ -865,6 +865,11 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             static = self.static_coefficients(mode, task)
             logits = self.static_logits(pixel_values, task, static)
             coefficients = static.to(pixel_values.device).expand(batch_size, -1).clone()
+        if mode != "sample":
+            check_finite_logits(
+                logits, f"merged ({mode})", checkpoints="the pre-trained and fine-tuned checkpoints",
+                consequence="predictions would be undefined",
+            )  # fmt: skip
 
         loss = None
         if labels is not None:

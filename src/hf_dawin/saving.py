@@ -442,10 +442,18 @@ def _recover(target: Path) -> bool:
                     )
                     failure.errno = error.errno
                     raise failure from error
-                logger.warning(
-                    "A save into %s was killed while it moved its files in. The files it replaced have been put back.",
-                    target,
-                )
+                if any(replaced for _, replaced in steps):
+                    logger.warning(
+                        "A save into %s was killed while it moved its files in. The files it replaced have been put "
+                        "back.",
+                        target,
+                    )
+                else:
+                    logger.warning(
+                        "A save into %s was killed while it moved its files in. It replaced no files, so the files it "
+                        "had moved in have been removed.",
+                        target,
+                    )
                 recovered = True
             shutil.rmtree(work, ignore_errors=True)
         finally:
@@ -504,9 +512,10 @@ def save_atomically(
             for relative in written:
                 _sync(staged / relative)
             _sync_folders(staged, written)
-            # From here on, SIGTERM and SIGHUP wait until the moves and the clean-up are done.
-            deferral.start()
             with _target_locked(target):
+                # From here on, SIGTERM and SIGHUP wait until the moves and the clean-up are done. They are not held
+                # while this save waits for another save's moves, which could take long if that save is stopped.
+                deferral.start()
                 # A save into the same folder may have been killed while this one wrote its files.
                 _recover(target)
                 _commit(work, target, written, stale)
