@@ -59,6 +59,21 @@ def make_clip(seed: int, config: CLIPConfig | None = None, base: CLIPModel | Non
     return model
 
 
+def assert_save_rejected(model, folder, setting: str, value, message: str) -> None:
+    """Check that a save after setting `model.config.<setting>` raises and leaves an earlier save intact.
+
+    The ValueError must match `message`, and the files that `model` saved into `folder` first must be unchanged.
+    """
+    model.save_pretrained(folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    setattr(model.config, setting, value)
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(folder)
+
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_tokenizer")

@@ -12,7 +12,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 from hf_dawin import BetaMixture, DaWinCLIPConfig, DaWinCLIPModel, entropy, entropy_statistics, interpolate_state_dicts
 from hf_dawin.coefficients import coefficients_from_entropies
 
-from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES, make_clip, tiny_clip_config
+from .conftest import (
+    TINY_CLASS_NAMES,
+    TINY_IMAGE_SIZE,
+    TINY_TEMPLATES,
+    assert_save_rejected,
+    make_clip,
+    tiny_clip_config,
+)
 
 
 @torch.no_grad()
@@ -175,14 +182,8 @@ def test_load_checks_setting_overrides(tiny_model, tmp_path, override, message):
 
 
 def test_save_rejects_class_names_unlike_heads(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path)
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-
-    tiny_model.config.class_names = ["a", "b"]
-    with pytest.raises(ValueError, match=r"zero_shot_head.weight: config gives \(2, \d+\), model has \(4, \d+\)"):
-        tiny_model.save_pretrained(tmp_path)
-
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    message = r"zero_shot_head.weight: config gives \(2, \d+\), model has \(4, \d+\)"
+    assert_save_rejected(tiny_model, tmp_path, "class_names", ["a", "b"], message)
 
 
 def test_single_temperature_rejected(tiny_endpoints, tiny_processor):
@@ -203,14 +204,7 @@ def test_single_temperature_rejected(tiny_endpoints, tiny_processor):
     ],
 )
 def test_save_rejects_invalid_setting(tiny_model, tmp_path, setting, value, message):
-    tiny_model.save_pretrained(tmp_path)
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-
-    setattr(tiny_model.config, setting, value)
-    with pytest.raises(ValueError, match=message):
-        tiny_model.save_pretrained(tmp_path)
-
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert_save_rejected(tiny_model, tmp_path, setting, value, message)
 
 
 @torch.no_grad()

@@ -297,7 +297,7 @@ def collect_endpoint_predictions(
     )  # fmt: skip
     if rows["indices"].numel() == 0:
         raise ValueError(
-            f"Evaluation set '{evaluation_set.name}' yielded no readable images. Check that its image column holds "
+            f"Evaluation set '{evaluation_set.name}' has no readable images. Check that its image column holds "
             "images that PIL can open. A warning above counts the skipped images and names the first."
         )
     predictions = SetPredictions(

@@ -181,7 +181,7 @@ def collect_task_predictions(
     )  # fmt: skip
     if rows["indices"].numel() == 0:
         raise ValueError(
-            f"The evaluation set of task '{task}' yielded no readable images. Check that its image column holds "
+            f"The evaluation set of task '{task}' has no readable images. Check that its image column holds "
             "images that PIL can open. A warning above counts the skipped images and names the first."
         )
     predictions = TaskPredictions(

@@ -1296,11 +1296,11 @@ def _check_coefficients(coefficients: torch.Tensor, batch_size: int) -> torch.Te
         raise ValueError(f"Expected {batch_size} coefficients (one per image), received {coefficients.shape[0]}.")
     outside = (~((coefficients >= 0) & (coefficients <= 1))).nonzero().flatten().tolist()
     if outside:
-        shown = {index: coefficients[index].item() for index in outside[:10]}
+        first_values = {index: coefficients[index].item() for index in outside[:10]}
         raise ValueError(
             f"Coefficients must lie in [0, 1] (the weight on the fine-tuned endpoint), but {len(outside)} do not "
-            f"(batch index: value) {shown}{' ...' if len(outside) > len(shown) else ''}. Clip them to [0, 1] or "
-            "check how they were computed."
+            f"(batch index: value) {first_values}{' ...' if len(outside) > len(first_values) else ''}. Clip them to "
+            "[0, 1] or check how they were computed."
         )
     return coefficients
 
