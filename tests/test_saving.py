@@ -14,7 +14,7 @@ from PIL import Image
 
 from hf_dawin import DaWinCLIPConfig, DaWinCLIPModel
 from hf_dawin import saving
-from hf_dawin.modeling_dawin import recover_local_folder
+from hf_dawin.loading import recover_local_folder
 from hf_dawin.saving import pop_push_arguments, save_atomically
 
 

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import CONFIG_NAME, logging
+from transformers.utils import logging
 
 from .coefficients import (
     EntropyStatistics,
@@ -35,22 +32,21 @@ from .coefficients import (
 )
 from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
 from .heads import build_zero_shot_head, check_class_names, linear_head_from
-from .hub_access import check_hub_reachable, in_hub_cache
 from .interpolation import (
     build_merged_module,
     build_mixed_module,
     check_compatible_configs,
     check_compatible_state_dicts,
-    format_listed,
     merge_task_vectors,
 )
 from .loading import (
-    common_dtype,
-    held_load_reports,
-    log_load_reports,
-    safetensors_hint,
+    check_source_loadable,
+    load_endpoints,
+    load_processor,
     safetensors_only,
-    stored_dtype,
+    saved_config_dict,
+    saved_model_load_error,
+    try_load_processor,
 )
 from .mixture import BetaMixture
 from .placement import (
@@ -59,11 +55,10 @@ from .placement import (
     check_max_memory_devices,
     check_module_device_map,
     prepare_endpoint,
-    remaining_memory,
     resolve_dtype,
     split_device_map,
 )
-from .saving import pop_push_arguments, recover_interrupted_save, save_atomically
+from .saving import pop_push_arguments, save_atomically
 from .templates import load_templates
 
 from .temperature import reference_temperatures
@@ -164,7 +159,7 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
         """
         if isinstance(kwargs.get("config"), PreTrainedConfig):
             return
-        config_dict = _saved_config_dict(pretrained_model_name_or_path, kwargs)
+        config_dict = saved_config_dict(pretrained_model_name_or_path, kwargs)
         found, expected = config_dict.get("model_type"), cls.config_class.model_type
         if found == expected:
             return
@@ -188,7 +183,7 @@ class DaWinCLIPPreTrainedModel(PreTrainedModel):
             # This class was loaded as remote code, which the caller trusted. The tokenizer reads the folder's
             # config.json, whose `auto_map` would make transformers ask for that trust again.
             processor_kwargs["trust_remote_code"] = True
-        return _try_load_processor(pretrained_model_name_or_path, processor_kwargs)
+        return try_load_processor(pretrained_model_name_or_path, processor_kwargs)
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
         """Save the config, every endpoint and head (safetensors), and the processor if any.
@@ -475,14 +470,14 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             ("zero-shot", zero_shot, endpoint_maps["zero_shot"]),
             ("fine-tuned", fine_tuned, endpoint_maps["fine_tuned"]),
         ]
-        (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = _load_endpoints(
+        (zero_shot_model, zero_shot_source), (fine_tuned_model, fine_tuned_source) = load_endpoints(
             entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
         )
         check_compatible_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict())
         check_compatible_configs(zero_shot_model.config, fine_tuned_model.config)
 
         if processor is None:
-            processor = _load_processor(zero_shot, zero_shot_model)
+            processor = load_processor(zero_shot, zero_shot_model)
 
         # Build the heads: from each endpoint's own text tower unless a trained linear head is given.
         num_classes = len(names)
@@ -915,328 +910,17 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_local_folder(source, writer: str) -> None:
-    """Raise if `source` is written as a local path (absolute, or starting with `.` or `~`) that does not exist.
-
-    Such a string cannot be a Hub id, and huggingface_hub would otherwise report it as a malformed repository id.
-
-    Raises:
-        FileNotFoundError: Naming the folder and `writer`, the method that writes such folders.
-    """
-    if not isinstance(source, (str, Path)):
-        return
-    text = str(source)
-    looks_local = isinstance(source, Path) or os.path.isabs(text) or text.startswith((".", "~"))
-    if looks_local and not Path(text).expanduser().exists():
-        raise FileNotFoundError(
-            f"No folder at {text!r}. Pass an existing folder written by {writer}, or a Hub id such as "
-            "'namespace/name'."
-        )
-
-
-def recover_local_folder(source, load_kwargs: Mapping) -> None:
-    """Put back the previous files of a local folder that a killed save left half-replaced, before it loads.
-
-    The Auto classes and pipelines restore the folder while they build the config (see
-    `hf_dawin.config_recovery`), so their config already comes from the restored config.json.
-
-    Raises:
-        OSError: If putting the files back changed config.json while a config read before was passed in
-            `load_kwargs["config"]`. Loading again reads the restored folder.
-    """
-    if not isinstance(source, (str, Path)):
-        return
-    folder = Path(str(source)).expanduser() / (load_kwargs.get("subfolder") or "")
-    if not folder.is_dir():
-        return
-    passed_from = _read_config_file(folder) if isinstance(load_kwargs.get("config"), PreTrainedConfig) else None
-    if not recover_interrupted_save(folder) or passed_from is None:
-        return
-    if _read_config_file(folder) != passed_from:
-        raise OSError(
-            f"A save into {folder} was killed while it moved its files in, and the config passed to from_pretrained "
-            "was read from the half-replaced folder. The previous files have been put back: load the config and "
-            "the model again."
-        )
-
-
-def _read_config_file(folder: Path) -> dict | None:
-    """Return the parsed config.json of `folder`, or None if it is missing or not a JSON object."""
-    try:
-        parsed = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def check_source_loadable(source, writer: str, load_kwargs: Mapping) -> None:
-    """Raise at once if `source` is a missing local folder, or a Hub id to download while the Hub does not respond.
-
-    `writer` names the method that writes such folders, for the message. A local folder that a killed save left
-    half-replaced gets its previous files back first (see [`recover_local_folder`]).
-    """
-    check_local_folder(source, writer)
-    recover_local_folder(source, load_kwargs)
-    check_hub_reachable(
-        source,
-        cache_dir=load_kwargs.get("cache_dir"),
-        local_files_only=load_kwargs.get("local_files_only", False),
-    )
-
-
-def saved_model_load_error(error: OSError, source, load_kwargs: Mapping, description: str, writer: str) -> OSError:
-    """Return the error for a saved DaWin model that failed to load: the reason and what to pass instead.
-
-    `description` names what was loaded (for example "a DaWin model") and `writer` the method that saves it.
-    """
-    return OSError(
-        f"Could not load {description} from {str(source)!r}: {_load_error_text(error, source, load_kwargs)}."
-        f"{safetensors_hint(error, load_kwargs, source) or _offline_note()} Pass a folder written by {writer} or a "
-        "Hub id reachable from this machine."
-    )
-
-
-def _saved_config_dict(source, load_kwargs: dict) -> dict:
-    """Read the config.json of a local folder or Hub repository with the Hub arguments of `load_kwargs`."""
-    names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-    config_dict, _ = PreTrainedConfig.get_config_dict(
-        str(source), **{name: load_kwargs[name] for name in names if name in load_kwargs}
-    )
-    return config_dict
-
-
 def _check_class_names_override(source, load_kwargs: dict) -> None:
     """Raise a ValueError if `class_names=` passed to `from_pretrained` does not fit the saved heads."""
     if isinstance(load_kwargs.get("config"), PreTrainedConfig):
         return
     class_names = check_class_names(load_kwargs["class_names"])
-    saved = _saved_config_dict(source, load_kwargs).get("class_names") or []
+    saved = saved_config_dict(source, load_kwargs).get("class_names") or []
     if len(class_names) != len(saved):
         raise ValueError(
             f"class_names lists {len(class_names)} classes, but the saved heads have {len(saved)}. Pass one name per "
             "class of the saved model, in its order, or build a new model with DaWinCLIPModel.from_pretrained_pair."
         )
-
-
-def _check_clip_model_type(source, name: str, model_type: str | None) -> None:
-    """Raise a ValueError if an endpoint's saved config is not a CLIP config.
-
-    transformers would otherwise build a CLIPModel from defaults and fail on weight shapes, or initialise the
-    missing weights randomly with only a logged report.
-    """
-    if model_type in ("clip", None):
-        return
-    if model_type == "dawin_clip":
-        hint = (
-            "It holds a saved DaWin model: load it with DaWinCLIPModel.from_pretrained, or pass the CLIP "
-            "checkpoints it was built from."
-        )
-    elif model_type == "dawin_multitask_clip":
-        hint = (
-            "It holds a saved multi-task DaWin model: load it with DaWinMultiTaskCLIPModel.from_pretrained, or "
-            "pass the CLIP checkpoints it was built from."
-        )
-    else:
-        hint = "Pass a complete CLIP checkpoint saved with CLIPModel.save_pretrained, vision and text towers included."
-    raise ValueError(
-        f"The {name} endpoint at {str(source)!r} has model_type {model_type!r}, but an endpoint must be a CLIPModel "
-        f"checkpoint (model_type 'clip'). {hint}"
-    )
-
-
-def _check_complete_checkpoint(source, name: str, missing_keys: Sequence[str]) -> None:
-    """Raise a ValueError if loading an endpoint left CLIP weights missing, which transformers initialises randomly."""
-    if not missing_keys:
-        return
-    listed = format_listed(missing_keys, limit=8)
-    raise ValueError(
-        f"The {name} endpoint at {str(source)!r} lacks {len(missing_keys)} CLIPModel weights, which would be "
-        f"initialised randomly: {listed}. Pass a complete CLIP checkpoint saved with CLIPModel.save_pretrained, "
-        "vision and text towers included."
-    )
-
-
-def _endpoint_load_error(error: OSError, endpoint, name: str, load_kwargs: dict) -> OSError:
-    advice = safetensors_hint(error, load_kwargs, endpoint) or (
-        f"{_offline_note()} Pass a local directory saved with CLIPModel.save_pretrained, a Hub id reachable from "
-        "this machine, or a loaded CLIPModel."
-    )
-    return OSError(f"Could not load the {name} endpoint from {str(endpoint)!r}: {_load_error_text(error, endpoint, load_kwargs)}.{advice}")
-
-
-def _read_endpoint_config(endpoint, name: str, load_kwargs: dict) -> dict | None:
-    """Check that an endpoint can be loaded and return its saved config (None for a loaded `CLIPModel`).
-
-    Raises:
-        FileNotFoundError: If a local path does not exist.
-        ConnectionError: If a Hub id must be downloaded and the Hub does not respond.
-        OSError: If the config cannot be read.
-        ValueError: If the config is not a CLIP config.
-        TypeError: If the endpoint is neither a path, a Hub id nor a `CLIPModel`.
-    """
-    if isinstance(endpoint, CLIPModel):
-        return None
-    if not isinstance(endpoint, (str, Path)):
-        raise TypeError(
-            f"The {name} endpoint must be a Hub id, a local directory or a transformers.CLIPModel, received "
-            f"{type(endpoint).__name__}."
-        )
-    check_source_loadable(endpoint, f"CLIPModel.save_pretrained (the {name} endpoint)", load_kwargs)
-    try:
-        config_dict = _saved_config_dict(endpoint, load_kwargs)
-    except OSError as error:
-        raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
-    _check_clip_model_type(endpoint, name, config_dict.get("model_type"))
-    return config_dict
-
-
-def _load_endpoint(endpoint, name: str, load_kwargs: dict) -> tuple[CLIPModel, str | None]:
-    """Load one endpoint checked by `_read_endpoint_config`; return it with its Hub id or path."""
-    if isinstance(endpoint, CLIPModel):
-        return endpoint, getattr(endpoint.config, "_name_or_path", None) or None
-    try:
-        with held_load_reports() as reports:
-            model, loading_info = CLIPModel.from_pretrained(str(endpoint), output_loading_info=True, **load_kwargs)
-    except OSError as error:
-        raise _endpoint_load_error(error, endpoint, name, load_kwargs) from error
-    except RuntimeError as error:
-        if "mismatched_sizes" not in str(error):
-            raise
-        raise ValueError(
-            f"The {name} endpoint at {str(endpoint)!r} contains weights whose shapes differ from its config.json. The "
-            "load report above lists them as MISMATCH. Pass a checkpoint whose config.json describes its weights."
-        ) from error
-    _check_complete_checkpoint(endpoint, name, sorted(loading_info["missing_keys"]))
-    # Complete checkpoint: other findings, such as unexpected keys, are still worth reading.
-    log_load_reports(reports)
-    return model, str(endpoint)
-
-
-def _load_endpoints(
-    entries: Sequence[tuple[str, str | Path | CLIPModel, str | dict | torch.device | None]],
-    *,
-    dtype: torch.dtype | None,
-    load_kwargs: dict,
-) -> list[tuple[CLIPModel, str | None]]:
-    """Load CLIP endpoints one after another and check that each can run where it was placed.
-
-    The endpoints share the caller's `max_memory` budget: each one is loaded with what the endpoints before it
-    left. A `CLIPModel` passed in more than once is copied, because one module in two places would share its
-    tensors, which safetensors cannot save.
-
-    Args:
-        entries (`Sequence[tuple]`): `(name, endpoint, device_map)` per endpoint, for example
-            `("zero-shot", "openai/clip-vit-base-patch32", None)`. The name appears in messages.
-        dtype (`torch.dtype`, *optional*): The dtype to load or cast every endpoint to.
-        load_kwargs (`dict`): Further arguments of `CLIPModel.from_pretrained`, `max_memory` included.
-
-    Returns:
-        `list[tuple[CLIPModel, str | None]]`: Each endpoint with its Hub id or path, in the order of `entries`.
-    """
-    load_kwargs = safetensors_only(load_kwargs)
-    if dtype is not None:
-        load_kwargs["dtype"] = dtype
-    # transformers rewrites max_memory in place, so every load gets its own copy of the budget.
-    budget = dict(load_kwargs.get("max_memory") or {})
-    loaded: list[tuple[CLIPModel, str | None]] = []
-    check_max_memory_devices(budget, "endpoints")
-    config_dicts = {}
-    for name, endpoint, device_map in entries:
-        check_module_device_map(device_map, f"{name} endpoint")
-        check_devices_available(device_map, f"{name} endpoint")
-        config_dicts[name] = _read_endpoint_config(endpoint, name, load_kwargs)
-    if dtype is None and load_kwargs.get("torch_dtype") is not None:
-        # The older name of `dtype`: transformers ignores it once `dtype` is set below.
-        dtype = resolve_dtype(load_kwargs.pop("torch_dtype"))
-        load_kwargs["dtype"] = dtype
-    if dtype is None:
-        # transformers loads each checkpoint in the dtype it was saved in. Endpoints saved in different dtypes
-        # are loaded in one dtype instead, so that their weights can be interpolated.
-        # NOTE: a checkpoint whose config.json names no dtype and that has no readable safetensors header (pickled
-        # weights only) has no known dtype here, so it is not promoted. If its dtype differs, the architecture
-        # check raises and names dtype= as the fix.
-        common = common_dtype(
-            {name: stored_dtype(endpoint, config_dicts[name], load_kwargs) for name, endpoint, _ in entries},
-            {name: config_dicts[name] is not None for name, _, _ in entries},
-        )
-        if common is not None:
-            load_kwargs["dtype"] = common
-    for position, (name, endpoint, device_map) in enumerate(entries):
-        kwargs = load_kwargs if device_map is None else {**load_kwargs, "device_map": device_map}
-        if budget:
-            kwargs = {**kwargs, "max_memory": dict(budget)}
-        endpoint_model, source = _load_endpoint(endpoint, name, kwargs)
-        limits_note = ""
-        if position > 0 and budget:
-            earlier_names = ", ".join(entry[0] for entry in entries[:position])
-            plural = "s" if position > 1 else ""
-            limits_note = f" (max_memory left after the {earlier_names} endpoint{plural})"
-        endpoint_model = prepare_endpoint(
-            endpoint_model, f"{name} endpoint{limits_note}", dtype=dtype, device_map=device_map,
-            max_memory=budget, loaded_here=not isinstance(endpoint, CLIPModel),
-        )  # fmt: skip
-        if budget:
-            budget = remaining_memory(budget, endpoint_model)
-        if any(endpoint_model is loaded_model for loaded_model, _ in loaded):
-            logger.info("The same CLIPModel was given again as the %s endpoint, so that endpoint is a copy.", name)
-            endpoint_model = copy.deepcopy(endpoint_model)
-        loaded.append((endpoint_model, source))
-    return loaded
-
-
-def _load_error_text(error: OSError, source, load_kwargs: dict | None = None) -> str:
-    """Return the reason of a failed load in one sentence, without transformers' advice to check the connection.
-
-    In offline mode a source that is neither a local folder nor in the Hub cache was looked up in the cache only,
-    so "check your internet connection" would mislead.
-    """
-    if (
-        huggingface_hub.constants.is_offline_mode()
-        and not Path(str(source)).expanduser().exists()
-        and not in_hub_cache(str(source), "model", (load_kwargs or {}).get("cache_dir"))
-    ):
-        return "it is not a local folder, and the Hub cache has no copy of it"
-    return " ".join(str(error).split()).rstrip(".")
-
-
-def _offline_note() -> str:
-    if not huggingface_hub.constants.is_offline_mode():
-        # Without a connection, huggingface_hub retries each request before it fails.
-        return " On a machine without internet access, set HF_HUB_OFFLINE=1 so that Hub lookups fail at once."
-    return " Offline mode is on (HF_HUB_OFFLINE=1), so only local folders and files already in the Hub cache load."
-
-
-def _load_processor(source, model: CLIPModel) -> CLIPProcessor | None:
-    candidates = [source] if isinstance(source, (str, Path)) else []
-    name_or_path = getattr(model.config, "_name_or_path", "")
-    if name_or_path:
-        candidates.append(name_or_path)
-    for candidate in candidates:
-        processor = _try_load_processor(candidate, {})
-        if processor is not None:
-            return processor
-    logger.warning(
-        "No CLIPProcessor was found beside the zero-shot endpoint; pass processor= to build zero-shot heads and "
-        "to use the model in pipelines."
-    )
-    return None
-
-
-def _try_load_processor(name_or_path, kwargs: dict) -> CLIPProcessor | None:
-    hub_kwargs = {
-        key: kwargs[key]
-        for key in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-        if key in kwargs
-    }
-    try:
-        return CLIPProcessor.from_pretrained(str(name_or_path), **hub_kwargs)
-    except (OSError, ValueError, TypeError):
-        try:
-            from transformers import AutoImageProcessor
-
-            return AutoImageProcessor.from_pretrained(str(name_or_path), **hub_kwargs)
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 def _make_head(weight: torch.Tensor, bias: torch.Tensor | None, *, reference: torch.Tensor) -> nn.Linear:

@@ -44,19 +44,15 @@ from .interpolation import (
     merge_task_vectors,
 )
 from .merging import ties_merge_state_dicts
+from .loading import check_source_loadable, load_endpoints, load_processor, safetensors_only, saved_model_load_error
 from .modeling_dawin import (
     CLIPImageClassifier,
     DaWinCLIPPreTrainedModel,
-    _load_endpoints,
-    _load_processor,
     _make_head,
     _run_on_own_device,
     batch_pixel_values,
     check_label_indices,
-    check_source_loadable,
-    saved_model_load_error,
 )
-from .loading import safetensors_only
 from .placement import (
     check_devices_available,
     check_max_memory_devices,
@@ -377,7 +373,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         entries = [("pre-trained", pretrained, device_map)]
         for index, (endpoint, name) in enumerate(zip(fine_tuned, names)):
             entries.append((f"fine-tuned #{index + 1} ({name})", endpoint, device_map))
-        (pretrained_model, pretrained_source), *fine_tuned_loaded = _load_endpoints(
+        (pretrained_model, pretrained_source), *fine_tuned_loaded = load_endpoints(
             entries, dtype=dtype, load_kwargs=from_pretrained_kwargs
         )
         pretrained_state = pretrained_model.state_dict()
@@ -392,7 +388,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         fine_tuned_sources = [source for _, source in fine_tuned_loaded]
 
         if processor is None:
-            processor = _load_processor(pretrained, pretrained_model)
+            processor = load_processor(pretrained, pretrained_model)
         if processor is None or getattr(processor, "tokenizer", None) is None:
             raise ValueError(
                 "Building the zero-shot heads of every task needs a CLIP tokenizer, but no processor was given or "
