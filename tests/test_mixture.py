@@ -6,13 +6,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import special, stats
 from sklearn.exceptions import NotFittedError
 
 from hf_dawin.mixture import (
     DEFAULT_CLIP_EPSILON,
     MAX_CONCENTRATION,
     BetaMixture,
+    _log_beta_function,
     _moment_matching_step,
     _weighted_log_joint,
 )
@@ -526,3 +527,12 @@ def test_fixed_random_state_is_deterministic():
     np.testing.assert_array_equal(first.betas_, second.betas_)
     assert first.n_iter_ == second.n_iter_
     assert first.log_likelihood_ == second.log_likelihood_
+
+
+def test_log_beta_function_matches_scipy():
+    # Concentrations from 3 (the variance cap) to MAX_CONCENTRATION, means across (0, 1).
+    concentrations, means = np.meshgrid(np.geomspace(3.0, MAX_CONCENTRATION, 60), np.linspace(1e-4, 1 - 1e-4, 61))
+    alphas = (concentrations * means).ravel()
+    betas = (concentrations * (1.0 - means)).ravel()
+
+    np.testing.assert_allclose(_log_beta_function(alphas, betas), special.betaln(alphas, betas), rtol=0, atol=1e-8)

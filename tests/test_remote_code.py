@@ -20,19 +20,31 @@ from hf_dawin import DaWinCLIPModel
 from .conftest import TINY_CLASS_NAMES, TINY_IMAGE_SIZE, TINY_TEMPLATES
 
 
-# Runs before anything else in the child interpreter: any import of hf_dawin fails as if it were not installed.
+# Runs before anything else in the child interpreter: hf_dawin, and the packages it installs that transformers
+# does not require, fail to import as if they were not installed.
 BLOCK_HF_DAWIN = textwrap.dedent(
     """
     import importlib.abc
     import sys
 
-    class BlockHfDawin(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_dawin" or name.startswith("hf_dawin."):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
+    BLOCKED = {"hf_dawin", "scipy", "sklearn", "threadpoolctl", "matplotlib", "datasets", "evaluate"}
 
-    sys.meta_path.insert(0, BlockHfDawin())
+    class HideBlocked(importlib.abc.MetaPathFinder):
+        # Wraps each import finder, so that imports and availability checks (importlib.util.find_spec) alike
+        # find nothing for a blocked package.
+        def __init__(self, finder):
+            self.finder = finder
+
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in BLOCKED:
+                return None
+            return self.finder.find_spec(name, path, target)
+
+        def __getattr__(self, name):
+            # invalidate_caches, find_distributions (importlib.metadata) and the like go to the wrapped finder.
+            return getattr(self.finder, name)
+
+    sys.meta_path[:] = [HideBlocked(finder) for finder in sys.meta_path]
     """
 )
 
@@ -49,11 +61,13 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     model_dir, work_dir = sys.argv[1], sys.argv[2]
     report = {}
-    try:
-        import hf_dawin  # noqa: F401
-        report["hf_dawin_importable"] = True
-    except ImportError:
-        report["hf_dawin_importable"] = False
+    report["importable"] = {}
+    for name in ("hf_dawin", "scipy", "sklearn"):
+        try:
+            importlib.import_module(name)
+            report["importable"][name] = True
+        except ImportError:
+            report["importable"][name] = False
 
     try:
         AutoModelForImageClassification.from_pretrained(model_dir)
@@ -68,8 +82,9 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         sample = model(pixel_values=pixel_values).logits
         static = model(pixel_values=pixel_values, mode="static", alpha=0.3).logits
+        mixture = model(pixel_values=pixel_values, mode="mixture").logits
         base = AutoModel.from_pretrained(model_dir, trust_remote_code=True)(pixel_values=pixel_values).logits
-    save_file({"sample": sample, "static": static, "auto_model": base}, f"{work_dir}/remote_logits.safetensors")
+    save_file({"sample": sample, "static": static, "mixture": mixture, "auto_model": base}, f"{work_dir}/remote_logits.safetensors")
 
     classifier = pipeline("image-classification", model=model_dir, trust_remote_code=True)
     report["pipeline"] = classifier(Image.open(f"{work_dir}/image.png"), top_k=4)
@@ -107,6 +122,8 @@ def saved_model(tiny_pair_dirs, tmp_path_factory):
     model = DaWinCLIPModel.from_pretrained_pair(
         tiny_pair_dirs[0], tiny_pair_dirs[1], class_names=TINY_CLASS_NAMES, templates=TINY_TEMPLATES
     )
+    # A fitted mixture: predicting with it must work without SciPy and scikit-learn, which fitting uses.
+    model.fit_mixture(torch.tensor([0.1, 0.15, 0.2, 0.5, 0.55, 0.6, 0.85, 0.9, 0.95]), n_components=3)
     directory = tmp_path_factory.mktemp("remote_code") / "tiny-dawin"
     model.save_pretrained(directory)
     return model, directory
@@ -151,7 +168,7 @@ def test_remote_code_without_hf_dawin(saved_model, tmp_path):
     # transformers logs an error when a pipeline's model class is not registered for the task.
     assert "is not supported for" not in completed.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["hf_dawin_importable"] is False
+    assert report["importable"] == {"hf_dawin": False, "scipy": False, "sklearn": False}
     assert report["class_module"].startswith("transformers_modules.")
     assert not [name for name in report["modules"] if name.startswith("hf_dawin")]
     assert "trust_remote_code=True" in report["without_trust"]
@@ -162,6 +179,7 @@ def test_remote_code_without_hf_dawin(saved_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(remote["sample"], model(pixel_values=pixel_values).logits)
         torch.testing.assert_close(remote["static"], model(pixel_values=pixel_values, mode="static", alpha=0.3).logits)
+        torch.testing.assert_close(remote["mixture"], model(pixel_values=pixel_values, mode="mixture").logits)
         torch.testing.assert_close(remote["auto_model"], model(pixel_values=pixel_values).logits)
         expected = model(**model.image_processor(images=image, return_tensors="pt")).logits[0].softmax(-1)
     scores = {prediction["label"]: prediction["score"] for prediction in report["pipeline"]}
