@@ -646,7 +646,12 @@ def test_calibrate_accepts_processor_output(tiny_model):
 
 @pytest.mark.parametrize(
     ("batches", "received"),
-    [([[0.5, 0.2]], "received a batch that is list"), ([{"images": 1}], "a mapping with keys ['images']")],
+    [
+        ([[0.5, 0.2]], "received a batch that is list"),
+        ([{"images": 1}], "a mapping with keys ['images']"),
+        # One batch tensor without the list around it: iterating it yields single images.
+        (torch.zeros(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), f"a tensor of shape (3, {TINY_IMAGE_SIZE}, {TINY_IMAGE_SIZE})"),
+    ],
 )
 def test_calibrate_rejects_other_batches(tiny_model, batches, received):
     with pytest.raises(TypeError, match="calibrate expects an iterable of batches") as error:

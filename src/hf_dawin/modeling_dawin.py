@@ -938,12 +938,18 @@ def batch_pixel_values(batch, caller: str) -> torch.Tensor:
     """Return the pixel values of one calibration batch: a tensor, or a mapping such as an image processor's output.
 
     Raises:
-        TypeError: If the batch is neither, or a mapping without a `pixel_values` tensor.
+        TypeError: If the batch is neither, a mapping without a `pixel_values` tensor, or a tensor that is not
+            4-dimensional (one image of a batch tensor passed where an iterable of batches was expected).
     """
     pixel_values = batch.get("pixel_values") if isinstance(batch, Mapping) else batch
-    if isinstance(pixel_values, torch.Tensor):
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
         return pixel_values
-    received = f"a mapping with keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+    if isinstance(pixel_values, torch.Tensor):
+        received = f"a tensor of shape {tuple(pixel_values.shape)}"
+    elif isinstance(batch, Mapping):
+        received = f"a mapping with keys {sorted(batch)}"
+    else:
+        received = type(batch).__name__
     raise TypeError(
         f"{caller} expects an iterable of batches, each a pixel_values tensor of shape (batch_size, 3, height, "
         f"width) or the image processor's output (with return_tensors='pt'); received a batch that is {received}. "
