@@ -302,3 +302,23 @@ def test_cgroup_memory_limits(tmp_path, membership, files, expected):
     if membership is not None:
         membership_file.write_text(membership)
     assert cgroup_memory_left(root, membership_file) == expected
+
+
+@pytest.mark.parametrize(
+    ("device_map", "argument"),
+    [
+        ({"zero_shot": "cpu", "fine_tuned": "meta"}, "device_map of the fine-tuned endpoint"),
+        ("meta", "device_map of the zero-shot endpoint"),
+    ],
+    ids=["endpoint-on-meta", "pair-on-meta"],
+)
+def test_meta_in_device_map_rejected(tiny_pair_dirs, device_map, argument):
+    with pytest.raises(ValueError, match=f"{argument} puts weights on 'meta', a device that stores shapes but no"):
+        _pair(tiny_pair_dirs, device_map=device_map)
+
+
+def test_meta_in_saved_model_device_map_rejected(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "dawin")
+
+    with pytest.raises(ValueError, match="puts weights on 'meta'"):
+        DaWinCLIPModel.from_pretrained(tmp_path / "dawin", device_map={"zero_shot": "cpu", "fine_tuned": "meta"})

@@ -284,7 +284,12 @@ def _check_device_available(device, argument: str) -> None:
             f"{argument} puts weights on 'disk', but DaWin reads every weight of every endpoint for each batch, so it "
             "cannot run weights offloaded to disk. Map those modules to 'cpu' or a GPU."
         )
-    if str(device) in ("cpu", "meta"):
+    if str(device) == "meta":
+        raise ValueError(
+            f"{argument} puts weights on 'meta', a device that stores shapes but no values, so DaWin could not compute "
+            "with them. Map those modules to 'cpu' or a GPU."
+        )
+    if str(device) == "cpu":
         return
     try:
         parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
