@@ -714,3 +714,15 @@ def test_misspelt_forward_argument_rejected(tiny_model, pixel_values):
         tiny_model(pixel_values=pixel_values, moed="zero_shot")
     # Arguments that transformers passes to every model are accepted.
     tiny_model(pixel_values=pixel_values, output_attentions=False, num_items_in_batch=4)
+
+
+def test_single_class_warns(tiny_endpoints, tiny_processor, pixel_values, caplog):
+    with caplog.at_level("WARNING", logger="hf_dawin.heads"):
+        model = DaWinCLIPModel.from_pretrained_pair(
+            *tiny_endpoints, class_names=["cat"], templates=TINY_TEMPLATES, processor=tiny_processor
+        )
+    assert "class_names has one class ('cat')" in caplog.text
+
+    with torch.no_grad():
+        coefficients = model(pixel_values=pixel_values).coefficients
+    torch.testing.assert_close(coefficients, torch.full_like(coefficients, 0.5))

@@ -641,3 +641,28 @@ def test_bad_coefficients_and_pixels_rejected(model, images):
         model(pixel_values=larger)
     with pytest.raises(ValueError, match="needs pixel_values"):
         model(task="animals")
+
+
+def test_load_warns_dataset_mean_without_fit(model, images, tmp_path, caplog):
+    default_task = model.config.default_task
+    model.save_pretrained(tmp_path / "unfitted")
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_multitask"):
+        DaWinMultiTaskCLIPModel.from_pretrained(tmp_path / "unfitted", mode="dataset_mean")
+    assert f"without the mean task weights of its default task {default_task!r}" in caplog.text
+    caplog.clear()
+
+    model.fit_dataset_coefficients(default_task, [images])
+    model.config.mode = "dataset_mean"
+    model.save_pretrained(tmp_path / "fitted")
+    with caplog.at_level("WARNING", logger="hf_dawin.modeling_multitask"):
+        DaWinMultiTaskCLIPModel.from_pretrained(tmp_path / "fitted")
+    assert "mean task weights" not in caplog.text
+
+
+
+def test_single_class_task_warns(tiny_processor, caplog):
+    with caplog.at_level("WARNING", logger="hf_dawin.heads"):
+        build_model(tiny_processor, num_fine_tuned=2, tasks={"animals": list(TINY_CLASS_NAMES), "only": ["red"]},
+                    templates=["a photo of a {}."])
+    assert "task 'only' has one class ('red')" in caplog.text
+    assert "task 'animals'" not in caplog.text

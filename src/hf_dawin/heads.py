@@ -29,9 +29,24 @@ __all__ = [
     "check_class_names",
     "encode_image_features",
     "linear_head_from",
+    "warn_if_single_class",
 ]
 
 DEFAULT_BATCH_SIZE = 256
+
+
+def warn_if_single_class(class_names: Sequence[str], owner: str) -> None:
+    """Warn if `owner` (for example "class_names" or "task 'mnist'") has one class, which makes DaWin static.
+
+    With one class, softmax gives probability 1, so every entropy is 0 and the coefficients are the same for every
+    image.
+    """
+    if len(class_names) == 1:
+        logger.warning(
+            f"{owner} has one class ({class_names[0]!r}), so every prediction has entropy 0 and DaWin gives every "
+            "image the same coefficients. For a pair without offset adjustment it equals WiSE-FT at alpha 0.5, and "
+            "for several fine-tuned endpoints it equals task arithmetic. Pass at least two classes."
+        )
 
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:

@@ -31,7 +31,7 @@ from .coefficients import (
     output_ensemble_probabilities,
 )
 from .configuration_dawin import DaWinCLIPConfig, check_alpha, check_mode
-from .heads import build_zero_shot_head, check_class_names, linear_head_from
+from .heads import build_zero_shot_head, check_class_names, linear_head_from, warn_if_single_class
 from .interpolation import (
     build_merged_module,
     build_mixed_module,
@@ -459,6 +459,7 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
             TypeError: If an endpoint is neither a path, a Hub id nor a `CLIPModel`.
         """
         names = check_class_names(class_names)
+        warn_if_single_class(names, "class_names")
         check_mode(mode)
         check_alpha(alpha)
         template_list = load_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)

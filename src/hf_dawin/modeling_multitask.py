@@ -35,7 +35,7 @@ from .configuration_multitask import (
     check_scale,
     check_task,
 )
-from .heads import build_zero_shot_head
+from .heads import build_zero_shot_head, warn_if_single_class
 from .interpolation import (
     MixingState,
     build_mixed_module,
@@ -207,6 +207,16 @@ class DaWinMultiTaskCLIPPreTrainedModel(DaWinCLIPPreTrainedModel):
     base_model_prefix = "dawin_multitask"
     _hub_push_function = ("hf_dawin.hub_multitask", "push_multitask_to_hub")
 
+    def _warn_if_uncalibrated(self, action: str, advice: str) -> None:
+        """Warn if mode='dataset_mean' lacks the mean task weights of the default task, so its forward pass will raise."""
+        task = self.config.default_task
+        if self.config.mode == "dataset_mean" and (self.config.dataset_task_weights or {}).get(task) is None:
+            logger.warning(
+                f"{action} a model in mode='dataset_mean' without the mean task weights of its default task {task!r}; "
+                f"its forward pass and pipelines will raise for that task until "
+                f"model.fit_dataset_coefficients({task!r}, batches) is called. {advice}"
+            )
+
 
 class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
     r"""Multi-task DaWin: per-image entropy-weighted merging of several fine-tuned CLIPs of one pre-trained CLIP.
@@ -355,6 +365,8 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
             ties_density=ties_density, ties_scale=ties_scale,
         )  # fmt: skip
         task_classes = config_check.tasks
+        for task, class_names in task_classes.items():
+            warn_if_single_class(class_names, f"task {task!r}")
         template_lists = _resolve_templates(templates, task_classes)
         if fine_tuned_names is None:
             names = [_endpoint_name(endpoint, index) for index, endpoint in enumerate(fine_tuned)]
@@ -466,6 +478,7 @@ class DaWinMultiTaskCLIPModel(DaWinMultiTaskCLIPPreTrainedModel):
         # Settings passed as keyword arguments (mode=..., default_task=...) reach the config unchecked.
         model.config.check_settings()
         model.resolve_task(None)
+        model._warn_if_uncalibrated("Loaded", "Fit them before the first image.")
         model.attach_processor(cls._load_saved_processor(pretrained_model_name_or_path, kwargs))
         prepare_endpoint(model, "multi-task DaWin model", max_memory=requested_memory)
         return model
