@@ -506,6 +506,18 @@ def test_default_task_switches_labels():
         config.default_task = "shapes"
 
 
+def test_id2label_renames_default_task_classes():
+    config = DaWinMultiTaskCLIPConfig(tasks=TASKS, num_fine_tuned=2, default_task="colours")
+
+    config.id2label = {"0": "rot", "1": "grün", "2": "blau"}
+
+    assert config.tasks["colours"] == ["rot", "grün", "blau"]
+    assert config.tasks["animals"] == list(TINY_CLASS_NAMES)
+    assert config.label2id == {"rot": 0, "grün": 1, "blau": 2}
+    with pytest.raises(ValueError, match="id2label must map the indices 0 to 2 to the names of the 3 classes"):
+        config.id2label = {0: "rot", 1: "grün"}
+    assert config.tasks["colours"] == ["rot", "grün", "blau"]
+
 @torch.no_grad()
 def test_merge_returns_plain_clip(model, tmp_path):
     merged = model.merge([0.2, 0.5, -0.1])

@@ -9,7 +9,7 @@ from transformers.utils import logging
 
 from .coefficients import check_temperatures
 from .config_recovery import RecoveringConfigMixin
-from .heads import check_class_names
+from .heads import check_class_names, class_names_from_id2label
 
 
 logger = logging.get_logger(__name__)
@@ -45,7 +45,8 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
 
     Args:
         clip_config (`dict` or `CLIPConfig`, *optional*): Architecture shared by both endpoints.
-        class_names (`list[str]`, *optional*): One name per class of the heads; sets `id2label`.
+        class_names (`list[str]`, *optional*): One name per class of the heads. `id2label` and `label2id` follow
+            it, and setting `id2label` to new names of the same classes renames them.
         mode (`str`, *optional*, defaults to `"sample"`): Default forward mode, one of `"sample"` (exact
             per-sample interpolation), `"mixture"` (Beta mixture components), `"static"` (WiSE-FT with `alpha`),
             `"zero_shot"`, `"fine_tuned"`, `"output_ensemble"`.
@@ -109,8 +110,28 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
             raise ValueError(f"offset_adjustment must be True or False, received {self.offset_adjustment!r}.")
         if self.class_names is not None:
             self.class_names = check_class_names(self.class_names)
-            self.id2label = {index: name for index, name in enumerate(self.class_names)}
-            self.label2id = {name: index for index, name in enumerate(self.class_names)}
+            self._set_labels(self.class_names)
+
+    def _set_labels(self, class_names: list[str]) -> None:
+        # Assign through object.__setattr__ so that this does not recurse into the class-name hook below.
+        object.__setattr__(self, "id2label", {index: name for index, name in enumerate(class_names)})
+        object.__setattr__(self, "label2id", {name: index for index, name in enumerate(class_names)})
+
+    def __setattr__(self, key, value):
+        # After construction, class_names and id2label stay two views of one list of names, because the heads were
+        # built from class_names and pipelines report id2label. Passing either to from_pretrained renames the classes.
+        if getattr(self, "_post_init_done", False) and value is not None and getattr(self, "class_names", None):
+            if key == "class_names":
+                names = check_class_names(value)
+            elif key == "id2label":
+                names = class_names_from_id2label(value, len(self.class_names))
+            else:
+                names = None
+            if names is not None:
+                object.__setattr__(self, "class_names", names)
+                self._set_labels(names)
+                return
+        super().__setattr__(key, value)
 
     @property
     def num_classes(self) -> int:

@@ -9,7 +9,7 @@ from transformers import CLIPConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .config_recovery import RecoveringConfigMixin
-from .heads import check_class_names
+from .heads import check_class_names, class_names_from_id2label
 
 
 logger = logging.get_logger(__name__)
@@ -211,6 +211,14 @@ class DaWinMultiTaskCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
             check_task(value, self.tasks or {})
             super().__setattr__(key, value)
             self._set_labels(value)
+            return
+        # Setting id2label (directly or as a from_pretrained argument) renames the default task's classes, because
+        # id2label lists them.
+        if key == "id2label" and getattr(self, "_post_init_done", False) and value is not None and self.tasks:
+            task = self.default_task
+            names = class_names_from_id2label(value, len(self.tasks[task]))
+            object.__setattr__(self, "tasks", {**self.tasks, task: names})
+            self._set_labels(task)
             return
         super().__setattr__(key, value)
 

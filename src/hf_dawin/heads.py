@@ -27,12 +27,35 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "build_zero_shot_head",
     "check_class_names",
+    "class_names_from_id2label",
     "encode_image_features",
     "linear_head_from",
     "warn_if_single_class",
 ]
 
 DEFAULT_BATCH_SIZE = 256
+
+
+def class_names_from_id2label(id2label: Mapping, num_classes: int) -> list[str]:
+    """Return the class names that an `id2label` mapping gives heads of `num_classes` classes, in index order.
+
+    Keys may be integers or their strings, as in a config.json file.
+
+    Raises:
+        ValueError: If the keys are not exactly 0 to `num_classes - 1`, or the names fail [`check_class_names`].
+    """
+    expected = list(range(num_classes))
+    try:
+        by_index = {int(key): name for key, name in dict(id2label).items()}
+    except (TypeError, ValueError):
+        by_index = None
+    if by_index is None or sorted(by_index) != expected or len(by_index) != len(id2label):
+        raise ValueError(
+            f"id2label must map the indices 0 to {num_classes - 1} to the names of the {num_classes} classes of the "
+            f"heads, received {id2label!r}. To rename the classes, pass their new names in order. To classify other "
+            "classes, build a new model from the endpoints with new class names."
+        )
+    return check_class_names([by_index[index] for index in expected])
 
 
 def warn_if_single_class(class_names: Sequence[str], owner: str) -> None:
