@@ -33,6 +33,7 @@ from hf_dawin.hub import (
     RESULTS_END_MARKER,
     RESULTS_START_MARKER,
     build_model_card,
+    eval_results_from,
     push_dawin_to_hub,
     push_merged_component,
     push_results_to_hub,
@@ -821,3 +822,14 @@ def test_unknown_dataset_offline_cli(tiny_pair_dirs, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "'nobody-here/no-such-dataset'" in error
     assert "offline mode is on" in error
+
+
+def test_best_alpha_entries_name_alpha(results):
+    best_alpha = results["wise_ft_sweep"]["best_alpha"]
+
+    entries = eval_results_from(results, method="wise_ft_best")
+
+    assert {entry.metric_name for entry in entries} == {
+        f"WiSE-FT (best alpha={best_alpha:g}) accuracy",
+        f"WiSE-FT (best alpha={best_alpha:g}) macro F1",
+    }

@@ -52,6 +52,7 @@ __all__ = [
     "check_labels",
     "collect_endpoint_predictions",
     "evaluate_pair",
+    "method_label",
     "run_gathered_pass",
     "run_method_pass",
     "summarize",
@@ -656,6 +657,13 @@ METHOD_LABELS = {
 }
 
 
+def method_label(method: str, results: Mapping) -> str:
+    """Return the readable name of `method` in `results` of [`evaluate_pair`], with the alpha the sweep chose."""
+    if method == "wise_ft_best":
+        return f"WiSE-FT (best alpha={results['wise_ft_sweep']['best_alpha']:g})"
+    return METHOD_LABELS.get(method, method)
+
+
 def summarize(results: dict, *, markdown: bool = False) -> str:
     """Format the accuracy table: one row per method, one column per set, then the OOD average.
 
@@ -667,15 +675,11 @@ def summarize(results: dict, *, markdown: bool = False) -> str:
         `str`: Accuracies in percent.
     """
     set_names = list(results["sets"])
-    best_alpha = results["wise_ft_sweep"]["best_alpha"]
     headers = ["Method"] + [f"{name} (ID)" if name == results["in_distribution"] else name for name in set_names]
     headers.append("OOD avg")
     rows = []
     for method in METHODS:
-        label = METHOD_LABELS[method]
-        if method == "wise_ft_best":
-            label = f"WiSE-FT (best alpha={best_alpha:g})"
-        row = [label]
+        row = [method_label(method, results)]
         row += [f"{100 * results['sets'][name]['scores'][method]['accuracy']:.2f}" for name in set_names]
         average = results["summary"][method]["ood_average"]
         row.append("-" if average is None else f"{100 * average:.2f}")

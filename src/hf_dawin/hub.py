@@ -22,7 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from .configuration_dawin import check_alpha
-from .evaluation import METHOD_LABELS, summarize
+from .evaluation import method_label, summarize
 from .saving import is_weight_file, save_atomically
 
 
@@ -304,7 +304,7 @@ def eval_results_from(
                 f"Set '{name}' has no scores for method {method!r}. Its methods are {sorted(entry['scores'])}."
             )
         scores = entry["scores"][method]
-        label = METHOD_LABELS.get(method, method)
+        label = method_label(method, results)
         entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], f"{label} accuracy", dataset_args))
         if "f1" in scores:
             f1 = scores["f1"]
@@ -368,7 +368,7 @@ def _reported_method_sentence(results: Mapping, method: str | None, static_alpha
     if method is None:
         alpha = f" at alpha = {static_alpha:g}" if static_alpha is not None else " at the saved alpha"
         return f"The `model-index` metadata of this card reports WiSE-FT{alpha}, the model's static weights."
-    sentence = f"The `model-index` metadata of this card reports {METHOD_LABELS.get(method, method)}."
+    sentence = f"The `model-index` metadata of this card reports {method_label(method, results)}."
     offset = bool((results.get("settings") or {}).get("offset_adjustment"))
     if method == "dawin_mixture":
         fitted = "the Beta mixture and the offset statistics" if offset else "the Beta mixture"
