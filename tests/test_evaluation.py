@@ -324,6 +324,30 @@ def test_cli_evaluate_on_local_datasets(tiny_pair_dirs, tmp_path, capsys):
     assert grouped["wise_ft_sweep"] == results["wise_ft_sweep"]
 
 
+def test_cli_split_per_dataset(tiny_pair_dirs, tmp_path):
+    # The ID set has validation and test splits; the shifted set only a train split, as on the Hub for ImageNet
+    # and ImageNet-Sketch.
+    id_splits = {"validation": _image_dataset(tmp_path / "v", 0, count=8), "test": _image_dataset(tmp_path / "t", 1)}
+    datasets.DatasetDict({name: datasets.load_from_disk(str(path)) for name, path in id_splits.items()}).save_to_disk(
+        str(tmp_path / "id")
+    )
+    shift = datasets.load_from_disk(str(_image_dataset(tmp_path / "s", 2, count=10, invert=True)))
+    datasets.DatasetDict({"train": shift}).save_to_disk(str(tmp_path / "sketch"))
+    output_dir = tmp_path / "results"
+
+    exit_code = main([
+        "evaluate", "--zero-shot", str(tiny_pair_dirs[0]), "--fine-tuned", str(tiny_pair_dirs[1]),
+        "--id-dataset", f"{tmp_path / 'id'}:validation", "--shift-dataset", f"sketch={tmp_path / 'sketch'}:train",
+        "--alphas", "0,1", "--output-dir", str(output_dir), "--no-progress", "--no-plots",
+    ])  # fmt: skip
+
+    assert exit_code == 0
+    results = json.loads((output_dir / "results.json").read_text())
+    assert list(results["sets"]) == ["id", "sketch"]
+    assert results["sets"]["id"]["num_examples"] == 8
+    assert results["sets"]["sketch"]["num_examples"] == 10
+    assert results["dataset_sources"] == {"id": str(tmp_path / "id"), "sketch": str(tmp_path / "sketch")}
+
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-offset-adjustment"], False)])
 def test_cli_saved_model_offset_default(tiny_model, tmp_path, flag, expected):
     tiny_model.config.offset_adjustment = True

@@ -205,6 +205,23 @@ def test_command_on_saved_model(model, tmp_path, capsys):
     assert not [path.name for path in output_dir.iterdir() if path.name.startswith(".")]
 
 
+def test_command_split_per_task_dataset(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    save_image_dataset(tmp_path / "validation", ["red", "green", "blue"], 4, seed=2)
+    save_image_dataset(tmp_path / "test", ["red", "green", "blue"], 6, seed=3)
+    splits = {name: datasets.load_from_disk(str(tmp_path / name)) for name in ("validation", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "colours"))
+    output_dir = tmp_path / "results"
+
+    status = main_multitask([
+        "--model", str(tmp_path / "model"), "--task-dataset", f"colours={tmp_path / 'colours'}:validation",
+        "--no-ties", "--no-progress", "--no-plots", "--output-dir", str(output_dir),
+    ])  # fmt: skip
+
+    assert status == 0
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["tasks"]["colours"]["num_examples"] == 4
+
 def test_command_loads_requested_dtype(model, tmp_path):
     model.save_pretrained(tmp_path / "model")
     save_image_dataset(tmp_path / "colours", ["red", "green", "blue"], 4, seed=3)

@@ -194,16 +194,25 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="Saved DaWin model (directory or Hub id) instead of a pair.")
     evaluate.add_argument("--zero-shot", help="Zero-shot CLIP endpoint: Hub id or local directory.")
     evaluate.add_argument("--fine-tuned", help="Fine-tuned CLIP endpoint: Hub id or local directory.")
-    evaluate.add_argument("--id-dataset", help="In-distribution dataset: Hub id, imagefolder or save_to_disk folder.")
+    evaluate.add_argument(
+        "--id-dataset",
+        metavar="SOURCE[:SPLIT]",
+        help=(
+            "In-distribution dataset: Hub id, imagefolder or save_to_disk folder, with an optional :SPLIT, for "
+            "example ILSVRC/imagenet-1k:validation."
+        ),
+    )
     evaluate.add_argument(
         "--shift-dataset",
         dest="shift_datasets",
         action="append",
         default=[],
-        metavar="NAME=SOURCE",
-        help="A shifted dataset as NAME=SOURCE (Hub id or local folder); repeat for several.",
+        metavar="NAME=SOURCE[:SPLIT]",
+        help="A shifted dataset as NAME=SOURCE (Hub id or local folder) with an optional :SPLIT; repeat for several.",
     )
-    evaluate.add_argument("--split", help="Dataset split to evaluate (default: test, else the only split).")
+    evaluate.add_argument(
+        "--split", help="Split of each dataset given without :SPLIT (default: test, else the only split)."
+    )
     evaluate.add_argument("--image-column", default="image", help="Image column name (default: image).")
     evaluate.add_argument("--label-column", default="label", help="Label column name (default: label).")
     evaluate.add_argument(
@@ -381,8 +390,10 @@ def _dataset_sources(arguments: EvaluateArguments, sets) -> dict[str, str]:
         return {s.name: split_source(getattr(arguments, s.name))[0] for s in sets if getattr(arguments, s.name, None)}
     if arguments.id_dataset is None:
         return {}
-    sources = {sets[0].name: arguments.id_dataset}
-    sources.update(entry.split("=", 1) for entry in arguments.shift_datasets)
+    sources = {sets[0].name: split_source(arguments.id_dataset)[0]}
+    for entry in arguments.shift_datasets:
+        name, source = entry.split("=", 1)
+        sources[name] = split_source(source)[0]
     return sources
 
 
@@ -563,8 +574,8 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
 
 
 def _id_set_name(id_dataset: str) -> str:
-    """Return the name of the in-distribution set: the last part of its path or Hub id."""
-    return Path(id_dataset).name or "id"
+    """Return the name of the in-distribution set: the last part of its path or Hub id, without a `:SPLIT`."""
+    return Path(split_source(id_dataset)[0]).name or "id"
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -689,9 +700,10 @@ def _custom_benchmark(arguments: EvaluateArguments):
     from .modeling_dawin import DaWinCLIPModel
 
     id_option = f"--id-dataset {arguments.id_dataset}"
+    id_source, id_split = split_source(arguments.id_dataset)
     with errors_naming(id_option):
         id_dataset = load_evaluation_dataset(
-            arguments.id_dataset, split=arguments.split, image_column=arguments.image_column,
+            id_source, split=id_split or arguments.split, image_column=arguments.image_column,
             label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
         )
     if arguments.model:
@@ -750,9 +762,10 @@ def _custom_benchmark(arguments: EvaluateArguments):
 
 
 def _shifted_set(name, source, model, class_names, id_names, wordnet_ids, set_options, arguments) -> EvaluationSet:
-    """Load one `--shift-dataset NAME=SOURCE` and match its labels to the model's classes."""
+    """Load one `--shift-dataset NAME=SOURCE[:SPLIT]` and match its labels to the model's classes."""
+    source, split = split_source(source)
     dataset = load_evaluation_dataset(
-        source, split=arguments.split, image_column=arguments.image_column,
+        source, split=split or arguments.split, image_column=arguments.image_column,
         label_column=arguments.label_column, max_examples=arguments.max_examples, seed=arguments.seed,
     )
     dataset = _string_labels_as_classes(dataset, class_names, arguments.label_column)

@@ -50,6 +50,7 @@ from .distributed import (
 from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_method_pass
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
+from .suites import split_source
 
 
 logger = logging.get_logger(__name__)
@@ -409,13 +410,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # Data.
     parser.add_argument(
-        "--task-dataset", dest="task_datasets", action="append", default=[], metavar="TASK=SOURCE",
+        "--task-dataset", dest="task_datasets", action="append", default=[], metavar="TASK=SOURCE[:SPLIT]",
         help=(
-            "Evaluation dataset of a task as TASK=SOURCE (Hub id, imagefolder or save_to_disk folder); repeat per "
-            "task. With --pretrained, the task's class names are the dataset's label names."
+            "Evaluation dataset of a task as TASK=SOURCE (Hub id, imagefolder or save_to_disk folder) with an "
+            "optional :SPLIT; repeat per task. With --pretrained, the task's class names are the dataset's label "
+            "names."
         ),
     )  # fmt: skip
-    parser.add_argument("--split", help="Dataset split to evaluate (default: test, else the only split).")
+    parser.add_argument(
+        "--split", help="Split of each dataset given without :SPLIT (default: test, else the only split)."
+    )
     parser.add_argument("--image-column", default="image", help="Image column name (default: image).")
     parser.add_argument("--label-column", default="label", help="Label column name (default: label).")
     parser.add_argument("--templates", help="Prompt template file for every task (one template with {} per line).")
@@ -553,10 +557,11 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
     datasets_by_task, names_by_task, options = {}, {}, {}
     for entry in arguments.task_datasets:
         task, source = entry.split("=", 1)
+        source, split = split_source(source)
         options[task] = f"--task-dataset {entry}"
         with errors_naming(options[task]):
             datasets_by_task[task] = load_evaluation_dataset(
-                source, split=arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
+                source, split=split or arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
                 max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
             )  # fmt: skip
             names_by_task[task] = names_of(datasets_by_task[task])
@@ -644,7 +649,11 @@ def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = Tr
 def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:
     if not arguments.task_datasets:
         return {}
-    return dict(entry.split("=", 1) for entry in arguments.task_datasets)
+    sources = {}
+    for entry in arguments.task_datasets:
+        task, source = entry.split("=", 1)
+        sources[task] = split_source(source)[0]
+    return sources
 
 
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
