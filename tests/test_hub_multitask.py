@@ -24,6 +24,7 @@ from hf_dawin.hub_multitask import (
     push_multitask_to_hub,
     save_merged_multitask,
 )
+from hf_dawin.heads import build_zero_shot_head, encode_image_features
 from hf_dawin.interpolation import merge_task_vectors
 from hf_dawin.modeling_multitask import DaWinMultiTaskCLIPModel
 
@@ -261,3 +262,37 @@ def test_merge_method_errors(model, tmp_path):
     with pytest.raises(ValueError, match="Unknown task 'shapes'"):
         save_merged_multitask(model, tmp_path / "z", "dataset_mean", task="shapes")
     assert not (tmp_path / "x").exists()
+
+
+def test_merged_card_warns_text_tower_changed(model, tmp_path):
+    folder = save_merged_multitask(model, tmp_path / "task_arithmetic", "task_arithmetic")
+
+    text = ModelCard.load(folder / "README.md").text
+    assert "Fine-tuning changed the text towers" in text
+    assert "matches hf_dawin's" not in text
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "dataset_mean", "ties"])
+def test_merged_card_shared_text_tower_matches(tiny_processor, tmp_path, method):
+    pretrained = make_clip(0)
+    vision_side = ("vision_model.", "visual_projection.")
+    text_side = {name: value for name, value in pretrained.state_dict().items() if not name.startswith(vision_side)}
+    fine_tuned = [make_clip(30 + index, base=pretrained, noise=0.3) for index in range(2)]
+    for endpoint in fine_tuned:
+        endpoint.load_state_dict(text_side, strict=False)
+    model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
+        pretrained, fine_tuned, tasks=TASKS, templates=TEMPLATES, processor=tiny_processor
+    )
+    pixel_values = torch.randn(5, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(4))
+    model.fit_dataset_coefficients("colours", [pixel_values])
+
+    folder = save_merged_multitask(model, tmp_path / method, method, task="colours" if method == "dataset_mean" else None)
+    assert f"matches hf_dawin's `{method}` mode" in ModelCard.load(folder / "README.md").text
+
+    # The claim holds: the exported checkpoint's own zero-shot classifier gives hf_dawin's logits in that mode.
+    merged = CLIPModel.from_pretrained(folder)
+    head = build_zero_shot_head(merged, tiny_processor.tokenizer, TASKS["colours"], TEMPLATES["colours"])
+    with torch.inference_mode():
+        own_logits = encode_image_features(merged, pixel_values).float() @ head.T
+        dawin_logits = model(pixel_values=pixel_values, task="colours", mode=method).logits
+    torch.testing.assert_close(own_logits, dawin_logits, atol=1e-4, rtol=1e-4)

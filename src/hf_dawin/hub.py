@@ -886,7 +886,7 @@ def build_merged_model_card(
             "The fine-tuned endpoint brought a trained linear head, which a `CLIPModel` cannot hold, so zero-shot "
             "classification with this checkpoint uses the interpolated text tower instead.\n\n"
         )
-    elif not _text_sides_equal(model):
+    elif not text_sides_equal(model.zero_shot, [model.fine_tuned]):
         head_block = (
             "Zero-shot classification with this checkpoint embeds the prompts with its interpolated text tower. "
             "hf_dawin's static and mixture modes instead interpolate the two endpoints' zero-shot heads, each "
@@ -923,11 +923,16 @@ def build_merged_model_card(
     )
 
 
-def _text_sides_equal(model) -> bool:
-    """Return whether both endpoints have the same text tower, text projection and logit scale."""
-    zero_shot, fine_tuned = model.zero_shot.state_dict(), model.fine_tuned.state_dict()
-    text_side = [name for name in zero_shot if not name.startswith(("vision_model.", "visual_projection."))]
-    return all(torch.equal(zero_shot[name], fine_tuned[name].to(zero_shot[name].device)) for name in text_side)
+def text_sides_equal(reference, others: Sequence) -> bool:
+    """Return whether every `CLIPModel` in `others` has the text tower, text projection and logit scale of `reference`."""
+    reference_state = reference.state_dict()
+    text_side = [name for name in reference_state if not name.startswith(("vision_model.", "visual_projection."))]
+    for other in others:
+        other_state = other.state_dict()
+        for name in text_side:
+            if not torch.equal(reference_state[name], other_state[name].to(reference_state[name].device)):
+                return False
+    return True
 
 
 def _component_alphas(model, alphas: Sequence[float] | None) -> list[tuple[float, int | None]]:

@@ -35,6 +35,7 @@ from .hub import (
     push_model_with_card,
     replace_card_results,
     results_card,
+    text_sides_equal,
     write_plain_clip,
 )
 from .saving import save_atomically
@@ -431,6 +432,21 @@ def _method_sentence(config, method: str, task: str | None) -> str:
     )
 
 
+def _text_tower_sentence(model, method: str) -> str:
+    """Return the card sentence on whether the exported checkpoint's zero-shot classifier reproduces `method` mode."""
+    if text_sides_equal(model.pretrained, list(model.fine_tuned)):
+        return (
+            "All endpoints share one text tower, so zero-shot classification with this checkpoint, given the same "
+            f"class names and prompt templates, matches hf_dawin's `{method}` mode."
+        )
+    return (
+        "Zero-shot classification with this checkpoint embeds the prompts with its merged text tower. hf_dawin's "
+        f"`{method}` mode instead merges the endpoints' zero-shot heads, each embedded with that endpoint's own text "
+        "tower. Fine-tuning changed the text towers, so this checkpoint's predictions can differ from hf_dawin's, "
+        "and so can its accuracy."
+    )
+
+
 def build_merged_multitask_card(
     model, method: str, *, task: str | None = None, coefficients: Sequence[float] | None = None,
     repo_id: str | None = None,
@@ -470,6 +486,7 @@ def build_merged_multitask_card(
         repo_id=repo_id or "path/to/model",
         num_fine_tuned=config.num_fine_tuned,
         method_sentence=_method_sentence(config, method, task),
+        text_sentence=_text_tower_sentence(model, method),
         endpoints_table=_endpoints_table(config, coefficients),
         label_example=labels,
         citation=CITATION,
