@@ -176,6 +176,9 @@ def test_skipped_examples_reported(tiny_model, sets):
     results = evaluate_pair(tiny_model, [sets[0], with_skips], EvaluationSettings(alphas=(0.5,), progress=False))
     assert results["sets"]["shift"]["num_examples"] == 8
     assert results["sets"]["shift"]["num_skipped"] == 2
+    assert results["sets"]["shift"]["skipped_positions"] == [2, 5]
+    assert len(results["coefficients"]["shift"]) == 8
+    assert results["sets"]["id"]["skipped_positions"] == []
 
 
 def _counting(evaluation_set):

@@ -360,6 +360,7 @@ def test_command_reports_skipped_images(model, tmp_path, capsys):
     assert status == 0
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert results["tasks"]["colours"]["num_skipped"] == 1
+    assert results["tasks"]["colours"]["skipped_positions"] == [2]
     assert results["tasks"]["colours"]["num_examples"] == 3
     assert "colours: 1 of 4 images could not be read and were skipped" in capsys.readouterr().out
 

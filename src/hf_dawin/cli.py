@@ -436,7 +436,10 @@ def _report_skipped(results: dict) -> None:
         skipped = entry.get("num_skipped", 0)
         if skipped:
             total = entry["num_examples"] + skipped
-            print(f"{name}: {skipped} of {total} images could not be read and were skipped (num_skipped in results.json).")
+            print(
+                f"{name}: {skipped} of {total} images could not be read and were skipped (num_skipped and "
+                "skipped_positions in results.json)."
+            )
 
 
 def _push_results(arguments: EvaluateArguments, model, results: dict) -> None:

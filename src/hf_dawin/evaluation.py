@@ -440,6 +440,13 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return int((logits.argmax(dim=-1) == labels).sum()) / labels.numel()
 
 
+def _skipped_positions(indices: torch.Tensor, num_examples: int) -> list[int]:
+    """Return the positions in `range(num_examples)` that are missing from the sorted `indices` of examples read."""
+    read = torch.zeros(num_examples, dtype=torch.bool)
+    read[indices.long()] = True
+    return (~read).nonzero().flatten().tolist()
+
+
 def evaluate_pair(
     model: DaWinCLIPModel,
     sets: Sequence[EvaluationSet],
@@ -607,6 +614,8 @@ def evaluate_pair(
             "in_distribution": evaluation_set.in_distribution,
             "num_examples": int(p.labels.numel()),
             "num_skipped": evaluation_set.num_examples - int(p.labels.numel()),
+            # Positions of the unreadable images: per-sample arrays such as the coefficients skip these rows.
+            "skipped_positions": _skipped_positions(p.indices, evaluation_set.num_examples),
             "num_classes": int(p.zero_shot_logits.shape[1]),
             "scores": scores,
             "coefficients": {

@@ -47,7 +47,15 @@ from .distributed import (
     get_distributed_state,
     is_main_launch_process,
 )
-from .evaluation import EvaluationSet, _default_state, _project, check_labels, run_gathered_pass, run_method_pass
+from .evaluation import (
+    EvaluationSet,
+    _default_state,
+    _project,
+    _skipped_positions,
+    check_labels,
+    run_gathered_pass,
+    run_method_pass,
+)
 from .modeling_multitask import DaWinMultiTaskCLIPModel, coefficients_from_task_weights
 from .scoring import compute_scores
 from .suites import split_source
@@ -289,6 +297,7 @@ def evaluate_multitask(
         results_tasks[task] = {
             "num_examples": int(predictions.indices.numel()),
             "num_skipped": evaluation_set.num_examples - int(predictions.indices.numel()),
+            "skipped_positions": _skipped_positions(predictions.indices, evaluation_set.num_examples),
             "num_classes": int(predictions.pretrained_logits.shape[1]),
             "scores": scores,
             "task_weights": {
@@ -688,7 +697,7 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
         if entry["num_skipped"]:
             total = entry["num_examples"] + entry["num_skipped"]
             print(f"{task}: {entry['num_skipped']} of {total} images could not be read and were skipped "
-                  "(num_skipped in results.json).")
+                  "(num_skipped and skipped_positions in results.json).")
     print(f"\nResults written to {paths['json']} and {paths['markdown']} ({results['runtime_seconds']} s).")
     if "accuracy" in paths:
         print(f"Figure written to {paths['accuracy']}.")
