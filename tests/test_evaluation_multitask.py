@@ -293,6 +293,32 @@ def test_command_on_endpoint_folders(tmp_path, tiny_pair_dirs):
     assert results["fine_tuned_names"] == ["fine_tuned_1", "fine_tuned_2"]
 
 
+def test_command_named_endpoints_give_expert_row(tmp_path, tiny_pair_dirs, caplog):
+    pretrained_dir, fine_tuned_dir = tiny_pair_dirs
+    save_image_dataset(tmp_path / "pets", ["cat", "dog"], 4, seed=2)
+    common = ["--pretrained", str(pretrained_dir), "--task-dataset", f"pets={tmp_path / 'pets'}", "--no-ties",
+              "--no-progress", "--no-plots"]
+
+    with caplog.at_level("WARNING", logger="hf_dawin.evaluation_multitask"):
+        unnamed = run_evaluate_multitask(parse_multitask_arguments([
+            *common, "--fine-tuned", str(fine_tuned_dir), "--output-dir", str(tmp_path / "unnamed"),
+        ]))  # fmt: skip
+    assert "fine_tuned_expert" not in unnamed["methods"]
+    assert "have no 'Fine-tuned on the task (expert)' row" in caplog.text
+    assert "--fine-tuned TASK=SOURCE" in caplog.text
+    caplog.clear()
+
+    with caplog.at_level("WARNING", logger="hf_dawin.evaluation_multitask"):
+        named = run_evaluate_multitask(parse_multitask_arguments([
+            *common, "--fine-tuned", f"pets={fine_tuned_dir}", "--fine-tuned", str(pretrained_dir),
+            "--output-dir", str(tmp_path / "named"),
+        ]))  # fmt: skip
+    assert named["fine_tuned_names"] == ["pets", pretrained_dir.name]
+    assert "fine_tuned_expert" in named["methods"]
+    assert "expert" not in caplog.text
+    expert = named["tasks"]["pets"]["scores"]["fine_tuned_expert"]
+    assert expert == named["tasks"]["pets"]["scores"]["fine_tuned:pets"]
+
 def test_command_errors_name_the_task_dataset(tmp_path, tiny_pair_dirs, capsys):
     pretrained_dir, fine_tuned_dir = tiny_pair_dirs
     save_image_dataset(tmp_path / "pets", ["cat", "dog"], 4, seed=2)

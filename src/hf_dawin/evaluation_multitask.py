@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -251,6 +252,12 @@ def evaluate_multitask(
     has_experts = all(task in names for task in task_sets)
     if has_experts:
         methods.append("fine_tuned_expert")
+    elif state.is_main_process:
+        logger.warning(
+            f"The results have no 'Fine-tuned on the task (expert)' row: the fine-tuned endpoints are named {names}, "
+            f"which does not include every evaluated task {list(task_sets)}. Name each endpoint after its task "
+            "(--fine-tuned TASK=SOURCE on the command line, fine_tuned_names= in Python) to get the row."
+        )
     methods += [method for method in MERGE_METHODS if settings.include_ties or method != "ties"]
 
     results_tasks = {}
@@ -413,8 +420,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Saved multi-task DaWin model (directory or Hub id).")
     parser.add_argument("--pretrained", help="Pre-trained CLIP endpoint: Hub id or local directory.")
     parser.add_argument(
-        "--fine-tuned", dest="fine_tuned", action="append", default=[],
-        help="A fine-tuned CLIP endpoint (Hub id or local directory); repeat once per endpoint.",
+        "--fine-tuned", dest="fine_tuned", action="append", default=[], metavar="[NAME=]SOURCE",
+        help=(
+            "A fine-tuned CLIP endpoint (Hub id or local directory); repeat once per endpoint. NAME (default: the "
+            "last part of SOURCE) names its row, and an endpoint named after a task is that task's expert."
+        ),
     )  # fmt: skip
 
     # Data.
@@ -468,6 +478,20 @@ def _build_parser() -> argparse.ArgumentParser:
 def parse_multitask_arguments(argv: Sequence[str]) -> MultiTaskEvaluateArguments:
     """Parse `evaluate-multitask` arguments into [`MultiTaskEvaluateArguments`]."""
     return MultiTaskEvaluateArguments(**vars(_build_parser().parse_args(list(argv))))
+
+
+def _named_endpoints(entries: Sequence[str]) -> tuple[list[str] | None, list[str]]:
+    """Split `--fine-tuned [NAME=]SOURCE` entries into the endpoint names (None if no entry names one) and sources.
+
+    An entry that is an existing local path is a source even if it contains `=`. Unnamed endpoints among named
+    ones are named after the last part of their source.
+    """
+    named = [entry.split("=", 1) if "=" in entry and not os.path.exists(entry) else [None, entry] for entry in entries]
+    sources = [source for _, source in named]
+    if all(name is None for name, _ in named):
+        return None, sources
+    names = [name or Path(source.rstrip("/")).name for name, source in named]
+    return names, sources
 
 
 def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
@@ -584,8 +608,10 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
         for key, value in _merge_overrides(arguments).items():
             setattr(model.config, key, value)
     else:
+        fine_tuned_names, fine_tuned_sources = _named_endpoints(arguments.fine_tuned)
         model = DaWinMultiTaskCLIPModel.from_pretrained_endpoints(
-            arguments.pretrained, arguments.fine_tuned, tasks=names_by_task, templates=arguments.templates,
+            arguments.pretrained, fine_tuned_sources, tasks=names_by_task, templates=arguments.templates,
+            fine_tuned_names=fine_tuned_names,
             progress=arguments.progress, dtype=evaluation_dtype(arguments.dtype), **_merge_overrides(arguments),
             **weights_format(arguments),
         )  # fmt: skip
