@@ -82,6 +82,23 @@ def test_equal_sweep_points_share_one_label():
     assert sorted(text.get_text() for text in axes.texts) == ["α=0, 0.5", "α=1"]
 
 
+def test_nearby_sweep_points_share_one_label():
+    # Alphas 0.6 to 1 lie within a fraction of a point of each other on axes spanning 30 points.
+    results = {
+        "in_distribution": "a",
+        "out_of_distribution": ["b"],
+        "wise_ft_sweep": {
+            "alphas": [0.0, 0.3, 0.6, 0.7, 0.8, 0.9, 1.0],
+            "accuracy": {"a": [0.60, 0.75, 0.899, 0.900, 0.901, 0.902, 0.903]},
+            "ood_average": [0.50, 0.45, 0.300, 0.299, 0.298, 0.297, 0.296],
+        },
+        "summary": {"zero_shot": {"id": 0.6, "ood_average": 0.5}},
+    }
+
+    axes = id_ood_figure(results).axes[0]
+
+    assert sorted(text.get_text() for text in axes.texts) == ["α=0", "α=0.3", "α=0.6, 0.7, 0.8, 0.9, 1"]
+
 def test_id_ood_needs_shifted_sets(results, tmp_path):
     id_only = dict(results, out_of_distribution=[], wise_ft_sweep=dict(results["wise_ft_sweep"], ood_average=None))
 

@@ -118,7 +118,13 @@ def id_ood_figure(results: Mapping) -> Figure:
     sweep_id = [_percent(value) for value in sweep["accuracy"][id_name]]
     sweep_ood = [_percent(value) for value in sweep["ood_average"]]
     axes.plot(sweep_id, sweep_ood, "-o", color=_SWEEP_COLOR, markersize=4, linewidth=1.5, label="WiSE-FT sweep", zorder=2)
-    for (x, y), alphas in _alphas_by_point(sweep["alphas"], sweep_id, sweep_ood).items():
+    summary = results["summary"]
+    plotted = [(x, y) for x, y in zip(sweep_id, sweep_ood)]
+    for method, *_ in _POINT_METHODS:
+        if method in summary:
+            plotted.append((_percent(summary[method]["id"]), _percent(summary[method]["ood_average"])))
+    spans = tuple(max(values) - min(values) or 1.0 for values in zip(*plotted))
+    for (x, y), alphas in _alphas_by_point(sweep["alphas"], sweep_id, sweep_ood, spans).items():
         axes.annotate(
             "α=" + ", ".join(f"{alpha:g}" for alpha in alphas),
             (x, y),
@@ -130,7 +136,6 @@ def id_ood_figure(results: Mapping) -> Figure:
 
     # Single methods. The large star is drawn below the other markers, so a method scoring exactly as DaWin
     # (sample) stays visible inside it.
-    summary = results["summary"]
     for method, label, marker, color in _POINT_METHODS:
         if method not in summary:
             continue
@@ -151,11 +156,26 @@ def id_ood_figure(results: Mapping) -> Figure:
     return figure
 
 
-def _alphas_by_point(alphas: Sequence[float], xs: Sequence[float], ys: Sequence[float]) -> dict:
-    """Group the sweep's alphas by plotted point, so alphas with equal accuracies share one label."""
+# Sweep points closer than this fraction of the plotted span share one label, whose text would otherwise overlap.
+_LABEL_MERGE_DISTANCE = 0.04
+
+
+def _alphas_by_point(
+    alphas: Sequence[float], xs: Sequence[float], ys: Sequence[float], spans: tuple[float, float] = (1.0, 1.0)
+) -> dict:
+    """Group the sweep's alphas by plotted point, so alphas at equal or nearby points share one label.
+
+    `spans` are the x and y extents of the plotted data. A point joins the first group whose labelled point lies
+    within `_LABEL_MERGE_DISTANCE` of both spans, measured in span units; the label stays at that first point.
+    """
     groups: dict[tuple[float, float], list[float]] = {}
     for alpha, x, y in zip(alphas, xs, ys):
-        groups.setdefault((round(x, 6), round(y, 6)), []).append(alpha)
+        for anchor_x, anchor_y in groups:
+            if math.hypot((x - anchor_x) / spans[0], (y - anchor_y) / spans[1]) < _LABEL_MERGE_DISTANCE:
+                groups[(anchor_x, anchor_y)].append(alpha)
+                break
+        else:
+            groups[(x, y)] = [alpha]
     return groups
 
 
