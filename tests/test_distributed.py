@@ -191,6 +191,28 @@ def test_single_process_state_is_transparent():
         state.run("test", lambda: (_ for _ in ()).throw(KeyError("unchanged")))
 
 
+@pytest.mark.parametrize(
+    ("environment", "warns"),
+    [
+        # What accelerate 1.16 sets for `accelerate launch --cpu --num_processes 2` and for one process.
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),
+        ({"ACCELERATE_USE_CPU": "True"}, False),
+        ({}, False),
+    ],
+    ids=["cpu-two-requested", "cpu-one-requested", "plain"],
+)
+def test_single_cpu_launch_warns(monkeypatch, caplog, environment, warns):
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    with caplog.at_level("WARNING", logger="hf_dawin.distributed"):
+        state = get_distributed_state()
+
+    assert not state.is_distributed
+    assert ("started this evaluation as a single process" in caplog.text) is warns
+
 def test_failed_collective_raises_rank_lost():
     def closed_connection():
         raise RuntimeError("Connection closed by peer")

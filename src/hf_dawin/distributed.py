@@ -378,6 +378,21 @@ def is_main_launch_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _warn_if_launch_started_one_process() -> None:
+    """Warn if `accelerate launch --cpu --num_processes N` (N > 1) started this process alone.
+
+    accelerate 1.16 then starts one process without `WORLD_SIZE`, but still sets `MASTER_ADDR` for the processes
+    that were requested.
+    """
+    requested_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+    if requested_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        logger.warning(
+            "accelerate launch --cpu started this evaluation as a single process, although --num_processes requested "
+            "more. accelerate starts several processes on CPUs with --multi_gpu in place of --cpu (they use gloo "
+            "when there is no GPU), so launch again that way to split the sets across processes."
+        )
+
+
 def get_distributed_state() -> DistributedState:
     """Return the state of the current launch; a multi-process launch gets an `accelerate.Accelerator`.
 
@@ -389,6 +404,7 @@ def get_distributed_state() -> DistributedState:
     """
     initialised = dist.is_available() and dist.is_initialized()
     if not initialised and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _warn_if_launch_started_one_process()
         return DistributedState()
     if initialised:
         _describe_existing_group()
