@@ -22,6 +22,14 @@ def test_class_names_set_labels():
     assert config.label2id == {"lion": 0, "wolf": 1, "eagle": 2}
 
 
+def test_class_names_of_other_count_rejected():
+    config = make_config()
+
+    with pytest.raises(ValueError, match="class_names lists 2 classes, but the heads have 3"):
+        config.class_names = ["lion", "wolf"]
+    assert config.class_names == ["cat", "dog", "bird"]
+    assert config.id2label == {0: "cat", 1: "dog", 2: "bird"}
+
 def test_id2label_renames_classes():
     config = make_config()
 

@@ -1,5 +1,6 @@
 """DaWinCLIPModel: exactness of per-sample interpolation, modes, persistence and bad input."""
 
+import copy
 
 import numpy as np
 import pytest
@@ -181,9 +182,12 @@ def test_load_checks_setting_overrides(tiny_model, tmp_path, override, message):
         DaWinCLIPModel.from_pretrained(tmp_path, **override)
 
 
-def test_save_rejects_class_names_unlike_heads(tiny_model, tmp_path):
-    message = r"zero_shot_head.weight: config gives \(2, \d+\), model has \(4, \d+\)"
-    assert_save_rejected(tiny_model, tmp_path, "class_names", ["a", "b"], message)
+def test_save_rejects_config_unlike_weights(tiny_model, tmp_path):
+    clip_config = copy.deepcopy(tiny_model.config.clip_config)
+    projection_dim = clip_config.projection_dim
+    clip_config.projection_dim = projection_dim + 8
+    message = rf"visual_projection.weight: config gives \({projection_dim + 8}, \d+\), model has \({projection_dim}, \d+\)"
+    assert_save_rejected(tiny_model, tmp_path, "clip_config", clip_config, message)
 
 
 def test_single_temperature_rejected(tiny_endpoints, tiny_processor):

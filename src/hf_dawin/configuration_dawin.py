@@ -123,6 +123,12 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
         if getattr(self, "_post_init_done", False) and value is not None and getattr(self, "class_names", None):
             if key == "class_names":
                 names = check_class_names(value)
+                if len(names) != len(self.class_names):
+                    raise ValueError(
+                        f"class_names lists {len(names)} classes, but the heads have {len(self.class_names)}. Pass "
+                        "one new name per class, in order, to rename them. To classify other classes, build a new "
+                        "model from the endpoints with DaWinCLIPModel.from_pretrained_pair."
+                    )
             elif key == "id2label":
                 names = class_names_from_id2label(value, len(self.class_names))
             else:
