@@ -350,6 +350,7 @@ def test_cli_split_per_dataset(tiny_pair_dirs, tmp_path):
     assert results["sets"]["id"]["num_examples"] == 8
     assert results["sets"]["sketch"]["num_examples"] == 10
     assert results["dataset_sources"] == {"id": str(tmp_path / "id"), "sketch": str(tmp_path / "sketch")}
+    assert results["dataset_splits"] == {"id": "validation", "sketch": "train"}
 
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-offset-adjustment"], False)])
 def test_cli_saved_model_offset_default(tiny_model, tmp_path, flag, expected):
@@ -538,6 +539,10 @@ def test_cli_rejects_malformed_alphas(capsys):
         (
             ["--zero-shot", "z", "--fine-tuned", "f", "--id-dataset", "data/pets", "--shift-dataset", "pets=x"],
             r"\['pets'\] appear more than once .* named after the last part of --id-dataset",
+        ),
+        (
+            ["--zero-shot", "z", "--fine-tuned", "f", "--id-dataset", "data/pets", "--shift-dataset", "s=sketch:"],
+            "--shift-dataset sketch:: 'sketch:' ends with ':' but names no split",
         ),
     ],
 )

@@ -221,6 +221,7 @@ def test_command_split_per_task_dataset(model, tmp_path):
     assert status == 0
     results = json.loads((output_dir / "results.json").read_text())
     assert results["tasks"]["colours"]["num_examples"] == 4
+    assert results["dataset_splits"] == {"colours": "validation"}
 
 def test_command_loads_requested_dtype(model, tmp_path):
     model.save_pretrained(tmp_path / "model")
@@ -357,6 +358,8 @@ def test_command_errors_name_the_task_dataset(tmp_path, tiny_pair_dirs, capsys):
         (["--model", "m", "--task-dataset", "a=b", "--scale", "0"], "--scale must be a positive number"),
         (["--model", "m", "--task-dataset", "a=b", "--task-dataset", "a=c"], r"but \['a'\] appear more than once"),
         (["--split", "validation", "--templates", "t.txt"], "--split, --templates are used only with your own"),
+        (["--model", "m", "--task-dataset", "a=data:"], "--task-dataset data:: 'data:' ends with ':' but names no split"),
+        (["--pretrained", "p", "--fine-tuned", "=f", "--task-dataset", "a=b"], "--fine-tuned =f has an empty NAME"),
     ],
 )
 def test_command_rejects_bad_arguments(argv, message):

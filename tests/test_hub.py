@@ -833,3 +833,11 @@ def test_best_alpha_entries_name_alpha(results):
         f"WiSE-FT (best alpha={best_alpha:g}) accuracy",
         f"WiSE-FT (best alpha={best_alpha:g}) macro F1",
     }
+
+
+def test_entries_carry_recorded_split(results):
+    with_splits = dict(results, dataset_splits={"pets": "validation", "pets-sketch": None})
+
+    entries = eval_results_from(with_splits, method="dawin_sample")
+
+    assert {entry.dataset_name: entry.dataset_split for entry in entries} == {"pets": "validation", "pets-sketch": None}

@@ -179,6 +179,12 @@ def test_split_source(tmp_path):
     odd = tmp_path / "a:b"
     odd.mkdir()
     assert split_source(str(odd)) == (str(odd), None)
+    # A local path with ':' in it splits after the longest existing prefix, even where a shorter one exists.
+    (tmp_path / "a").mkdir()
+    assert split_source(f"{odd}:validation") == (str(odd), "validation")
+    assert split_source(f"{odd}:validation[:10]") == (str(odd), "validation[:10]")
+    with pytest.raises(ValueError, match="ends with ':' but names no split"):
+        split_source("ILSVRC/imagenet-1k:")
 
 
 def test_read_wordnet_ids(tmp_path):

@@ -397,6 +397,18 @@ def _dataset_sources(arguments: EvaluateArguments, sets) -> dict[str, str]:
     return sources
 
 
+def _dataset_splits(arguments: EvaluateArguments, sets) -> dict[str, str | None]:
+    """Return the split requested for each evaluated set (its `:SPLIT`, else `--split`), None for the default."""
+    if arguments.suite:
+        values = {s.name: getattr(arguments, s.name) for s in sets if getattr(arguments, s.name, None)}
+    elif arguments.id_dataset is None:
+        return {}
+    else:
+        values = {sets[0].name: arguments.id_dataset}
+        values.update(entry.split("=", 1) for entry in arguments.shift_datasets)
+    return {name: split_source(value)[1] or arguments.split for name, value in values.items()}
+
+
 def _write_plots(results: dict, coefficients: dict, output_dir: Path) -> dict[str, Path]:
     from .plots import plot_coefficient_histograms, plot_id_ood
 
@@ -564,6 +576,9 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
     for entry in arguments.shift_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --shift-dataset expects NAME=SOURCE, received {entry!r}.")
+    sources = [("--id-dataset", arguments.id_dataset)] if arguments.id_dataset is not None else []
+    sources += [("--shift-dataset", entry.split("=", 1)[1]) for entry in arguments.shift_datasets]
+    check_split_suffixes(sources)
     names = [entry.split("=", 1)[0] for entry in arguments.shift_datasets]
     if arguments.id_dataset is not None and not arguments.suite:
         names.insert(0, _id_set_name(arguments.id_dataset))
@@ -574,6 +589,15 @@ def _check_arguments(arguments: EvaluateArguments) -> None:
             "in-distribution set is named after the last part of --id-dataset). Give each --shift-dataset its own "
             "NAME."
         )
+
+
+def check_split_suffixes(sources: Sequence[tuple[str, str]]) -> None:
+    """Exit with an error naming the option if a `(option, SOURCE[:SPLIT])` pair has an empty `:SPLIT`."""
+    for option, source in sources:
+        try:
+            split_source(source)
+        except ValueError as error:
+            raise SystemExit(f"error: {option} {source}: {error}") from None
 
 
 def _id_set_name(id_dataset: str) -> str:
@@ -938,6 +962,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
     results["dataset_sources"] = _dataset_sources(arguments, sets)
+    results["dataset_splits"] = _dataset_splits(arguments, sets)
     record_run_settings(results, model, state, arguments)
     paths = write_results(results, Path(arguments.output_dir), plots=arguments.plots)
 

@@ -133,7 +133,7 @@ def _select_split(
         return splits["test"]
     raise ValueError(
         f"{source} has several splits {sorted(splits)} and none is named 'test'. Choose one with split= "
-        "(--split on the command line)."
+        "(on the command line, append :SPLIT to the source or pass --split)."
     )
 
 

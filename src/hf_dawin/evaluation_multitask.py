@@ -32,6 +32,7 @@ from .cli import (
     add_dtype_argument,
     add_weights_argument,
     check_output_dir,
+    check_split_suffixes,
     evaluation_dtype,
     library_progress_bars,
     local_model_type,
@@ -523,6 +524,13 @@ def _check_arguments(arguments: MultiTaskEvaluateArguments) -> None:
     for entry in arguments.task_datasets:
         if "=" not in entry:
             raise SystemExit(f"error: --task-dataset expects TASK=SOURCE, received {entry!r}.")
+    check_split_suffixes([("--task-dataset", entry.split("=", 1)[1]) for entry in arguments.task_datasets])
+    unnamed = [entry for entry in arguments.fine_tuned if entry.startswith("=")]
+    if unnamed:
+        raise SystemExit(
+            f"error: --fine-tuned {unnamed[0]} has an empty NAME before '='. Pass NAME=SOURCE, or SOURCE alone to "
+            "name the endpoint after its folder."
+        )
     task_names = [entry.split("=", 1)[0] for entry in arguments.task_datasets]
     repeated = sorted({name for name in task_names if task_names.count(name) > 1})
     if repeated:
@@ -691,6 +699,15 @@ def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:
     return sources
 
 
+def _dataset_splits(arguments: MultiTaskEvaluateArguments) -> dict[str, str | None]:
+    """Return the split requested for each task's dataset (its `:SPLIT`, else `--split`), None for the default."""
+    splits = {}
+    for entry in arguments.task_datasets:
+        task, source = entry.split("=", 1)
+        splits[task] = split_source(source)[1] or arguments.split
+    return splits
+
+
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     """Run the multi-task evaluation described by `arguments`, print the table and write the results.
 
@@ -715,6 +732,7 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
     record_run_settings(results, model, state, arguments)
     results["dataset_sources"] = _dataset_sources(arguments)
+    results["dataset_splits"] = _dataset_splits(arguments)
     paths = write_multitask_results(results, Path(arguments.output_dir), plots=arguments.plots)
     print()
     print(f"Accuracy (%) per task; s = {results['settings']['scale']:g}.")

@@ -278,7 +278,6 @@ def eval_results_from(
             "not go into model-index. Report a method that the model runs, such as 'dawin_sample' or 'dawin_mixture'."
         )
     sets = results["sets"]
-    sources = results.get("dataset_sources") or {}
     dataset_args = subset_dataset_args(results.get("settings") or {})
     entries = []
     if method is None:
@@ -295,7 +294,7 @@ def eval_results_from(
         label = f"WiSE-FT (alpha={static_alpha:g})"
         for name in sets:
             accuracy = results["wise_ft_sweep"]["accuracy"][name][matches[0]]
-            entries.append(_eval_result(name, sources, "accuracy", accuracy, f"{label} accuracy", dataset_args))
+            entries.append(_eval_result(name, results, "accuracy", accuracy, f"{label} accuracy", dataset_args))
         return entries
 
     for name, entry in sets.items():
@@ -305,10 +304,10 @@ def eval_results_from(
             )
         scores = entry["scores"][method]
         label = method_label(method, results)
-        entries.append(_eval_result(name, sources, "accuracy", scores["accuracy"], f"{label} accuracy", dataset_args))
+        entries.append(_eval_result(name, results, "accuracy", scores["accuracy"], f"{label} accuracy", dataset_args))
         if "f1" in scores:
             f1 = scores["f1"]
-            entries.append(_eval_result(name, sources, "f1", f1, f"{label} macro F1", dataset_args, {"average": "macro"}))
+            entries.append(_eval_result(name, results, "f1", f1, f"{label} macro F1", dataset_args, {"average": "macro"}))
     return entries
 
 
@@ -322,12 +321,15 @@ def subset_dataset_args(settings: Mapping) -> dict | None:
     return {"max_examples": settings["max_examples"], "seed": settings.get("seed")}
 
 
-def _eval_result(name, sources, metric_type, value, metric_name, dataset_args=None, metric_args=None) -> EvalResult:
+def _eval_result(name, results, metric_type, value, metric_name, dataset_args=None, metric_args=None) -> EvalResult:
+    """Return the `model-index` entry of set `name`, with its Hub id and split when `results` records them."""
+    source = (results.get("dataset_sources") or {}).get(name)
     return EvalResult(
         task_type="image-classification",
         task_name="Image Classification",
-        dataset_type=_hub_repo_id(sources.get(name), require_namespace=False) or name,
+        dataset_type=_hub_repo_id(source, require_namespace=False) or name,
         dataset_name=name,
+        dataset_split=(results.get("dataset_splits") or {}).get(name),
         dataset_args=dataset_args,
         metric_type=metric_type,
         metric_name=metric_name,

@@ -190,6 +190,7 @@ def multitask_eval_results(results: Mapping, method: str) -> list[EvalResult]:
                         task_name="Image Classification",
                         dataset_type=dataset_type,
                         dataset_name=task,
+                        dataset_split=(results.get("dataset_splits") or {}).get(task),
                         dataset_args=subset_dataset_args(results.get("settings") or {}),
                         metric_type=metric_type,
                         metric_name=metric_name,

@@ -356,15 +356,27 @@ def build_evaluation_set(
 def split_source(value: str) -> tuple[str, str | None]:
     """Split `SOURCE:SPLIT` (for example `ILSVRC/imagenet-1k:validation`) into the source and the split.
 
-    An existing local path and a Windows drive letter (`C:`) are never split.
+    An existing local path and a Windows drive letter (`C:`) are never split. A local path that contains `:`
+    itself is split after the longest prefix that exists, and any other source at its first `:`, because Hub ids
+    contain none and split expressions such as `validation[:100]` may.
+
+    Raises:
+        ValueError: If the split after the `:` is empty.
     """
     if os.path.exists(value):
         return value, None
     start = 2 if len(value) > 1 and value[1] == ":" else 0
-    position = value.find(":", start)
-    if position <= 0:
+    positions = [index for index in range(start, len(value)) if value[index] == ":" and index > 0]
+    if not positions:
         return value, None
-    return value[:position], value[position + 1 :] or None
+    existing = [index for index in positions if os.path.exists(value[:index])]
+    position = existing[-1] if existing else positions[0]
+    if position == len(value) - 1:
+        raise ValueError(
+            f"{value!r} ends with ':' but names no split after it. Append the split, as in SOURCE:validation, or "
+            "drop the ':'."
+        )
+    return value[:position], value[position + 1 :]
 
 
 @dataclass
