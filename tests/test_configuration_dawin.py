@@ -40,6 +40,17 @@ def test_id2label_renames_classes():
     assert config.label2id == {"lion": 0, "wolf": 1, "eagle": 2}
 
 
+def test_label2id_renames_classes():
+    config = make_config()
+
+    config.label2id = {"lion": 0, "wolf": 1, "eagle": 2}
+
+    assert config.class_names == ["lion", "wolf", "eagle"]
+    assert config.id2label == {0: "lion", 1: "wolf", 2: "eagle"}
+    with pytest.raises(ValueError, match="label2id must map the names of the 3 classes of the heads to the indices"):
+        config.label2id = {"lion": 0, "wolf": 0, "eagle": 2}
+    assert config.class_names == ["lion", "wolf", "eagle"]
+
 @pytest.mark.parametrize(
     "id2label",
     [{0: "lion", 1: "wolf"}, {0: "lion", 1: "wolf", 3: "eagle"}, {"a": "lion", 1: "wolf", 2: "eagle"}],

@@ -426,11 +426,10 @@ def test_save_rejects_invalid_setting(model, tmp_path, setting, value, message):
     assert_save_rejected(model, tmp_path, setting, value, message)
 
 
-def test_save_rejects_tasks_unlike_heads(model, tmp_path):
-    tasks = dict(model.config.tasks)
-    first = next(iter(tasks))
-    tasks[first] = tasks[first][:1]
-    assert_save_rejected(model, tmp_path, "tasks", tasks, "The config no longer matches the model's weights")
+def test_save_rejects_config_unlike_weights(model, tmp_path):
+    clip_config = copy.deepcopy(model.config.clip_config)
+    clip_config.projection_dim += 8
+    assert_save_rejected(model, tmp_path, "clip_config", clip_config, "The config no longer matches the model's weights")
 
 
 @pytest.mark.parametrize("mode", ["task_arithmetic", "weight_average", "pretrained", "ties"])
@@ -517,6 +516,34 @@ def test_id2label_renames_default_task_classes():
     with pytest.raises(ValueError, match="id2label must map the indices 0 to 2 to the names of the 3 classes"):
         config.id2label = {0: "rot", 1: "grün"}
     assert config.tasks["colours"] == ["rot", "grün", "blau"]
+
+def test_tasks_rename_keeps_heads_shape():
+    config = DaWinMultiTaskCLIPConfig(tasks=TASKS, num_fine_tuned=2)
+
+    config.tasks = {"colours": ["rot", "grün", "blau"], "animals": ["a1", "a2", "a3", "a4"]}
+
+    assert list(config.tasks) == ["animals", "colours"]
+    assert config.id2label == {0: "a1", 1: "a2", 2: "a3", 3: "a4"}
+    with pytest.raises(ValueError, match="tasks must keep the tasks and class counts of the heads"):
+        config.tasks = {"animals": ["a1", "a2"], "colours": ["rot", "grün", "blau"]}
+    with pytest.raises(ValueError, match="tasks must keep the tasks and class counts of the heads"):
+        config.tasks = {"animals": ["a1", "a2", "a3", "a4"]}
+    assert config.tasks["animals"] == ["a1", "a2", "a3", "a4"]
+
+
+def test_load_applies_id2label_to_requested_default_task(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    renamed = {0: "rot", 1: "grün", 2: "blau"}
+
+    # id2label names the classes of the default task that the same call requests, in either keyword order.
+    first = DaWinMultiTaskCLIPModel.from_pretrained(tmp_path, id2label=renamed, default_task="colours")
+    second = DaWinMultiTaskCLIPModel.from_pretrained(tmp_path, default_task="colours", label2id={"rot": 0, "grün": 1, "blau": 2})
+    third = AutoModelForImageClassification.from_pretrained(tmp_path, id2label=renamed, default_task="colours")
+
+    for loaded in (first, second, third):
+        assert loaded.config.tasks["colours"] == ["rot", "grün", "blau"]
+        assert loaded.config.tasks["animals"] == list(TINY_CLASS_NAMES)
+        assert loaded.config.id2label == renamed
 
 @torch.no_grad()
 def test_merge_returns_plain_clip(model, tmp_path):

@@ -9,7 +9,7 @@ from transformers.utils import logging
 
 from .coefficients import check_temperatures
 from .config_recovery import RecoveringConfigMixin
-from .heads import check_class_names, class_names_from_id2label
+from .heads import check_class_names, class_names_from_id2label, class_names_from_label2id
 
 
 logger = logging.get_logger(__name__)
@@ -46,7 +46,7 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
     Args:
         clip_config (`dict` or `CLIPConfig`, *optional*): Architecture shared by both endpoints.
         class_names (`list[str]`, *optional*): One name per class of the heads. `id2label` and `label2id` follow
-            it, and setting `id2label` to new names of the same classes renames them.
+            it, and setting either of them to new names of the same classes renames them.
         mode (`str`, *optional*, defaults to `"sample"`): Default forward mode, one of `"sample"` (exact
             per-sample interpolation), `"mixture"` (Beta mixture components), `"static"` (WiSE-FT with `alpha`),
             `"zero_shot"`, `"fine_tuned"`, `"output_ensemble"`.
@@ -118,8 +118,9 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
         object.__setattr__(self, "label2id", {name: index for index, name in enumerate(class_names)})
 
     def __setattr__(self, key, value):
-        # After construction, class_names and id2label stay two views of one list of names, because the heads were
-        # built from class_names and pipelines report id2label. Passing either to from_pretrained renames the classes.
+        # After construction, class_names, id2label and label2id stay views of one list of names, because the heads
+        # were built from class_names and pipelines report id2label. Passing any of them to from_pretrained renames
+        # the classes.
         if getattr(self, "_post_init_done", False) and value is not None and getattr(self, "class_names", None):
             if key == "class_names":
                 names = check_class_names(value)
@@ -131,6 +132,8 @@ class DaWinCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
                     )
             elif key == "id2label":
                 names = class_names_from_id2label(value, len(self.class_names))
+            elif key == "label2id":
+                names = class_names_from_label2id(value, len(self.class_names))
             else:
                 names = None
             if names is not None:

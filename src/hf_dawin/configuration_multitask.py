@@ -9,7 +9,7 @@ from transformers import CLIPConfig, PreTrainedConfig
 from transformers.utils import logging
 
 from .config_recovery import RecoveringConfigMixin
-from .heads import check_class_names, class_names_from_id2label
+from .heads import check_class_names, class_names_from_id2label, class_names_from_label2id
 
 
 logger = logging.get_logger(__name__)
@@ -212,15 +212,43 @@ class DaWinMultiTaskCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
             super().__setattr__(key, value)
             self._set_labels(value)
             return
-        # Setting id2label (directly or as a from_pretrained argument) renames the default task's classes, because
-        # id2label lists them.
-        if key == "id2label" and getattr(self, "_post_init_done", False) and value is not None and self.tasks:
-            task = self.default_task
-            names = class_names_from_id2label(value, len(self.tasks[task]))
-            object.__setattr__(self, "tasks", {**self.tasks, task: names})
-            self._set_labels(task)
-            return
+        if getattr(self, "_post_init_done", False) and value is not None and self.tasks:
+            # Setting id2label or label2id (directly or as a from_pretrained argument) renames the default task's
+            # classes, because they list them.
+            if key in ("id2label", "label2id"):
+                task = self.default_task
+                rename = class_names_from_id2label if key == "id2label" else class_names_from_label2id
+                names = rename(value, len(self.tasks[task]))
+                object.__setattr__(self, "tasks", {**self.tasks, task: names})
+                self._set_labels(task)
+                return
+            # New class names for the tasks keep the tasks, their order and class counts, which the heads fix.
+            if key == "tasks":
+                object.__setattr__(self, "tasks", self._renamed_tasks(value))
+                self._set_labels(self.default_task)
+                return
         super().__setattr__(key, value)
+
+    def _renamed_tasks(self, tasks: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Return `tasks` checked against the current tasks (same names and class counts), in the current order."""
+        checked = _check_tasks(tasks)
+        counts = {name: len(names) for name, names in self.tasks.items()}
+        new_counts = {name: len(names) for name, names in checked.items()}
+        if new_counts != counts:
+            raise ValueError(
+                f"tasks must keep the tasks and class counts of the heads, {counts}, received {new_counts}. Pass new "
+                "class names of the same classes to rename them. To classify other tasks or classes, build a new "
+                "model with DaWinMultiTaskCLIPModel.from_pretrained_endpoints."
+            )
+        return {name: checked[name] for name in self.tasks}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers applies keyword arguments in the order given. default_task goes first, so that id2label and
+        # label2id rename the classes of the task that ends up as the default.
+        if "default_task" in kwargs:
+            kwargs = {"default_task": kwargs.pop("default_task"), **kwargs}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def task_names(self) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "build_zero_shot_head",
     "check_class_names",
     "class_names_from_id2label",
+    "class_names_from_label2id",
     "encode_image_features",
     "linear_head_from",
     "warn_if_single_class",
@@ -56,6 +57,26 @@ def class_names_from_id2label(id2label: Mapping, num_classes: int) -> list[str]:
             "classes, build a new model from the endpoints with new class names."
         )
     return check_class_names([by_index[index] for index in expected])
+
+
+def class_names_from_label2id(label2id: Mapping, num_classes: int) -> list[str]:
+    """Return the class names that a `label2id` mapping gives heads of `num_classes` classes, in index order.
+
+    Raises:
+        ValueError: If the indices are not exactly 0 to `num_classes - 1`, once each, or the names fail
+            [`check_class_names`].
+    """
+    try:
+        id2label = {int(index): name for name, index in dict(label2id).items()}
+    except (TypeError, ValueError):
+        id2label = None
+    if id2label is None or sorted(id2label) != list(range(num_classes)) or len(id2label) != len(label2id):
+        raise ValueError(
+            f"label2id must map the names of the {num_classes} classes of the heads to the indices 0 to "
+            f"{num_classes - 1}, received {label2id!r}. To rename the classes, pass their new names with their "
+            "indices. To classify other classes, build a new model from the endpoints with new class names."
+        )
+    return check_class_names([id2label[index] for index in range(num_classes)])
 
 
 def warn_if_single_class(class_names: Sequence[str], owner: str) -> None:
