@@ -93,6 +93,16 @@ REMOTE_SCRIPT = textwrap.dedent(
     package = type(model).__module__.rsplit(".", 1)[0]
     report["templates"] = importlib.import_module(f"{package}.templates").load_templates()
     report["modules"] = sorted(name for name in sys.modules if "dawin" in name)
+
+    # Fitting a mixture needs scikit-learn, which is hidden: the error comes before the config changes.
+    try:
+        model.calibrate([pixel_values])
+        report["calibrate"] = "fitted"
+    except ImportError as error:
+        report["calibrate"] = str(error)
+    report["statistics_after_failed_calibrate"] = model.config.entropy_statistics
+    model.calibrate([pixel_values], fit_mixture=False)
+    report["statistics_after_calibrate"] = model.config.entropy_statistics is not None
     with open(f"{work_dir}/report.json", "w") as handle:
         json.dump(report, handle)
     """
@@ -174,6 +184,10 @@ def test_remote_code_without_hf_dawin(saved_model, tmp_path):
     assert "trust_remote_code=True" in report["without_trust"]
     assert report["processor"] == "CLIPProcessor"
     assert report["templates"] == ["a photo of a {}."]
+    assert "these modules are missing: sklearn, threadpoolctl" in report["calibrate"]
+    assert "fit_mixture=False" in report["calibrate"]
+    assert report["statistics_after_failed_calibrate"] is None
+    assert report["statistics_after_calibrate"] is True
 
     remote = load_file(tmp_path / "remote_logits.safetensors")
     with torch.no_grad():

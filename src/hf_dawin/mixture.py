@@ -29,6 +29,7 @@ Degenerate inputs are handled without NaN:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_CLIP_EPSILON",
     "MAX_CONCENTRATION",
     "BetaMixture",
+    "check_fit_dependencies",
 ]
 
 logger = logging.get_logger(__name__)
@@ -68,6 +70,21 @@ _MAX_CLIP_EPSILON = 0.5
 
 _FITTED_KEYS = ("weights", "alphas", "betas", "n_iter", "converged", "log_likelihood")
 _HYPERPARAMETER_KEYS = ("n_components", "n_restarts", "max_iter", "tol", "clip_epsilon", "random_state")
+
+
+def check_fit_dependencies() -> None:
+    """Raise an ImportError naming the fix if scikit-learn or threadpoolctl, which fitting needs, is missing.
+
+    They are imported only to fit, so that predicting with a fitted mixture (in a saved model's copy of this module,
+    loaded with `trust_remote_code=True`) needs neither.
+    """
+    missing = [name for name in ("sklearn", "threadpoolctl") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"Fitting a Beta mixture seeds EM with scikit-learn's KMeans, but these modules are missing: "
+            f"{', '.join(missing)}. Install hf_dawin or scikit-learn, or calibrate with fit_mixture=False to compute "
+            "only the entropy statistics."
+        )
 
 
 def _not_fitted_error(message: str) -> ValueError:
@@ -447,15 +464,9 @@ class BetaMixture:
         # One thread: clustering one-dimensional values gains little from OpenMP or BLAS threads, and on a busy
         # 2-core machine they made k-means on 100,000 values take about 500 ms instead of 35 ms. The limit
         # applies to the whole process while k-means runs.
-        # Imported here, so that predicting with a fitted mixture needs neither scikit-learn nor threadpoolctl.
-        try:
-            from sklearn.cluster import KMeans
-            from threadpoolctl import threadpool_limits
-        except ImportError as error:
-            raise ImportError(
-                f"Fitting a Beta mixture seeds EM with scikit-learn's KMeans, but {error.name} is not installed. "
-                "Install hf_dawin, or run `pip install scikit-learn`."
-            ) from error
+        check_fit_dependencies()
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1):
             kmeans = KMeans(n_clusters=self.n_components, n_init=1, random_state=seed)

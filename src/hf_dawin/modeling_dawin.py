@@ -48,7 +48,7 @@ from .loading import (
     saved_model_load_error,
     try_load_processor,
 )
-from .mixture import BetaMixture
+from .mixture import BetaMixture, check_fit_dependencies
 from .placement import (
     check_devices_available,
     check_dtype_supported,
@@ -730,6 +730,9 @@ class DaWinCLIPModel(DaWinCLIPPreTrainedModel):
         Returns:
             `dict` with the `entropy_statistics` and, if fitted, the `mixture` parameters.
         """
+        if fit_mixture:
+            # Fail before any change to the config when the mixture cannot be fitted.
+            check_fit_dependencies()
         zero_shot_entropies, fine_tuned_entropies = [], []
         zero_shot_temperature, fine_tuned_temperature = check_temperatures(self.config.temperatures)
         for batch in batches:
