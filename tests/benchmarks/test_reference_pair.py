@@ -1,6 +1,7 @@
 """Tests for training, saving and caching the reference CLIP pair."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -102,8 +103,14 @@ def test_pair_folders_load(tiny_pair):
         assert model.config.text_config.max_position_embeddings == TINY_SETTINGS.max_text_length
         assert processor.tokenizer("a photo of a dog.")["input_ids"] == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
         assert processor.tokenizer.model_max_length == TINY_SETTINGS.max_text_length
-        inputs = processor(text=["a handwritten seven."], images=[np.zeros((28, 28, 3), dtype=np.uint8)],
-                           return_tensors="pt", padding=True)  # fmt: skip
+        # The saved tokenizer keeps no truncation state from training, which made transformers warn on padding.
+        tokenizer_state = json.loads((folder / "tokenizer.json").read_text())
+        assert tokenizer_state["truncation"] is None
+        assert tokenizer_state["padding"] is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            inputs = processor(text=["a handwritten seven."], images=[np.zeros((28, 28, 3), dtype=np.uint8)],
+                               return_tensors="pt", padding=True)  # fmt: skip
         with torch.no_grad():
             outputs = model(**inputs)
         assert outputs.logits_per_image.shape == (1, 1)

@@ -280,6 +280,12 @@ def final_loss(losses: Sequence[float]) -> float | None:
 def save_endpoint(model: CLIPModel, processor: CLIPProcessor, folder: Path) -> None:
     """Save a trained endpoint (safetensors weights, config and processor files) into `folder`."""
     model.save_pretrained(folder, safe_serialization=True)
+    # Tokenizing the training captions leaves truncation and padding enabled in the fast tokenizer's state, which
+    # save_pretrained writes into tokenizer.json. transformers then warns that max_length is ignored whenever a
+    # user of the saved tokenizer pads, so the saved state is reset to the defaults.
+    backend = processor.tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
     processor.save_pretrained(folder)
 
 
