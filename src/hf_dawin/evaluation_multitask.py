@@ -602,7 +602,8 @@ def _custom_model(arguments: MultiTaskEvaluateArguments):
         options[task] = f"--task-dataset {entry}"
         with errors_naming(options[task]):
             datasets_by_task[task] = load_evaluation_dataset(
-                source, split=split or arguments.split, image_column=arguments.image_column, label_column=arguments.label_column,
+                source, split=split or arguments.split, image_column=arguments.image_column,
+                label_column=arguments.label_column,
                 max_examples=arguments.max_examples, seed=arguments.seed, cache_dir=arguments.cache_dir,
             )  # fmt: skip
             names_by_task[task] = names_of(datasets_by_task[task])

@@ -307,7 +307,8 @@ def eval_results_from(
         entries.append(_eval_result(name, results, "accuracy", scores["accuracy"], f"{label} accuracy", dataset_args))
         if "f1" in scores:
             f1 = scores["f1"]
-            entries.append(_eval_result(name, results, "f1", f1, f"{label} macro F1", dataset_args, {"average": "macro"}))
+            metric_args = {"average": "macro"}
+            entries.append(_eval_result(name, results, "f1", f1, f"{label} macro F1", dataset_args, metric_args))
     return entries
 
 
@@ -926,7 +927,7 @@ def build_merged_model_card(
 
 
 def text_sides_equal(reference, others: Sequence) -> bool:
-    """Return whether every `CLIPModel` in `others` has the text tower, text projection and logit scale of `reference`."""
+    """Return whether all `CLIPModel`s in `others` share `reference`'s text tower, text projection and logit scale."""
     reference_state = reference.state_dict()
     text_side = [name for name in reference_state if not name.startswith(("vision_model.", "visual_projection."))]
     for other in others:

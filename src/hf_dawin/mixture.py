@@ -173,7 +173,7 @@ def _log_beta_function(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     """Compute log B(alpha_k, beta_k) = lgamma(alpha_k) + lgamma(beta_k) - lgamma(alpha_k + beta_k) per component.
 
     The standard library's `math.lgamma` keeps this module free of SciPy, so that a saved model's copy of it
-    runs with `trust_remote_code=True` where only transformers is installed. Over the concentrations that
+    runs with `trust_remote_code=True` where only torch and transformers are installed. Over the concentrations that
     fitting allows (at most `MAX_CONCENTRATION`) it agrees with `scipy.special.betaln` within about 1e-8.
     """
     return np.array([math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b) for a, b in zip(alphas, betas)])
@@ -461,13 +461,13 @@ class BetaMixture:
 
     def _run_em(self, values: np.ndarray, squared: np.ndarray, log_values: np.ndarray, seed: int) -> _EMResult:
         """Run one EM restart from a k-means clustering seeded with `seed`, with components sorted by mean."""
-        # One thread: clustering one-dimensional values gains little from OpenMP or BLAS threads, and on a busy
-        # 2-core machine they made k-means on 100,000 values take about 500 ms instead of 35 ms. The limit
-        # applies to the whole process while k-means runs.
         check_fit_dependencies()
         from sklearn.cluster import KMeans
         from threadpoolctl import threadpool_limits
 
+        # One thread: clustering one-dimensional values gains little from OpenMP or BLAS threads, and on a busy
+        # 2-core machine they made k-means on 100,000 values take about 500 ms instead of 35 ms. The limit
+        # applies to the whole process while k-means runs.
         with threadpool_limits(limits=1):
             kmeans = KMeans(n_clusters=self.n_components, n_init=1, random_state=seed)
             labels = kmeans.fit_predict(values[:, None])

@@ -208,7 +208,7 @@ class DaWinMultiTaskCLIPPreTrainedModel(DaWinCLIPPreTrainedModel):
     _hub_push_function = ("hf_dawin.hub_multitask", "push_multitask_to_hub")
 
     def _warn_if_uncalibrated(self, action: str, advice: str) -> None:
-        """Warn if mode='dataset_mean' lacks the mean task weights of the default task, so its forward pass will raise."""
+        """Warn if mode='dataset_mean' lacks the default task's mean task weights, so its forward pass will raise."""
         task = self.config.default_task
         if self.config.mode == "dataset_mean" and (self.config.dataset_task_weights or {}).get(task) is None:
             logger.warning(

@@ -165,8 +165,9 @@ def _alphas_by_point(
 ) -> dict:
     """Group the sweep's alphas by plotted point, so alphas at equal or nearby points share one label.
 
-    `spans` are the x and y extents of the plotted data. A point joins the first group whose labelled point lies
-    within `_LABEL_MERGE_DISTANCE` of both spans, measured in span units; the label stays at that first point.
+    `spans` are the x and y extents of the plotted data. A point joins the first group whose labelled point is
+    closer than `_LABEL_MERGE_DISTANCE`, with each axis measured in units of its span. The label stays at that
+    first point.
     """
     groups: dict[tuple[float, float], list[float]] = {}
     for alpha, x, y in zip(alphas, xs, ys):
