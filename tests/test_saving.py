@@ -357,6 +357,8 @@ from hf_dawin import saving
 
 target, signal_name, when = sys.argv[1], sys.argv[2], sys.argv[3]
 number = getattr(signal, signal_name)
+# A launcher such as nohup passes SIGHUP on as ignored, and the save leaves ignored signals alone.
+signal.signal(number, signal.SIG_DFL)
 replace = os.replace
 
 def replace_after_signal(source, destination):
