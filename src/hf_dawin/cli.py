@@ -384,29 +384,22 @@ def _suite_benchmark(arguments: EvaluateArguments):
     return model, sets
 
 
-def _dataset_sources(arguments: EvaluateArguments, sets) -> dict[str, str]:
-    """Return where each evaluated set came from, for the model card's `model-index`."""
-    if arguments.suite:
-        return {s.name: split_source(getattr(arguments, s.name))[0] for s in sets if getattr(arguments, s.name, None)}
-    if arguments.id_dataset is None:
-        return {}
-    sources = {sets[0].name: split_source(arguments.id_dataset)[0]}
-    for entry in arguments.shift_datasets:
-        name, source = entry.split("=", 1)
-        sources[name] = split_source(source)[0]
-    return sources
+def _dataset_origins(arguments: EvaluateArguments, sets) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Return where each evaluated set came from and its requested split, for the model card's `model-index`.
 
-
-def _dataset_splits(arguments: EvaluateArguments, sets) -> dict[str, str | None]:
-    """Return the split requested for each evaluated set (its `:SPLIT`, else `--split`), None for the default."""
+    The split is the source's `:SPLIT`, else `--split`, and None where the default split was used.
+    """
     if arguments.suite:
         values = {s.name: getattr(arguments, s.name) for s in sets if getattr(arguments, s.name, None)}
     elif arguments.id_dataset is None:
-        return {}
+        return {}, {}
     else:
         values = {sets[0].name: arguments.id_dataset}
         values.update(entry.split("=", 1) for entry in arguments.shift_datasets)
-    return {name: split_source(value)[1] or arguments.split for name, value in values.items()}
+    parsed = {name: split_source(value) for name, value in values.items()}
+    sources = {name: source for name, (source, _) in parsed.items()}
+    splits = {name: split or arguments.split for name, (_, split) in parsed.items()}
+    return sources, splits
 
 
 def _write_plots(results: dict, coefficients: dict, output_dir: Path) -> dict[str, Path]:
@@ -961,8 +954,7 @@ def run_evaluate(arguments: EvaluateArguments) -> dict:
     if not state.is_main_process:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    results["dataset_sources"] = _dataset_sources(arguments, sets)
-    results["dataset_splits"] = _dataset_splits(arguments, sets)
+    results["dataset_sources"], results["dataset_splits"] = _dataset_origins(arguments, sets)
     record_run_settings(results, model, state, arguments)
     paths = write_results(results, Path(arguments.output_dir), plots=arguments.plots)
 

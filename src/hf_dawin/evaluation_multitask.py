@@ -690,23 +690,14 @@ def write_multitask_results(results: dict, output_dir: Path, *, plots: bool = Tr
     return write_output_folder(output_dir, write, ("accuracy.png",))
 
 
-def _dataset_sources(arguments: MultiTaskEvaluateArguments) -> dict[str, str]:
-    if not arguments.task_datasets:
-        return {}
-    sources = {}
+def _dataset_origins(arguments: MultiTaskEvaluateArguments) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Return each task dataset's source and requested split (its `:SPLIT`, else `--split`, or None)."""
+    sources, splits = {}, {}
     for entry in arguments.task_datasets:
-        task, source = entry.split("=", 1)
-        sources[task] = split_source(source)[0]
-    return sources
-
-
-def _dataset_splits(arguments: MultiTaskEvaluateArguments) -> dict[str, str | None]:
-    """Return the split requested for each task's dataset (its `:SPLIT`, else `--split`), None for the default."""
-    splits = {}
-    for entry in arguments.task_datasets:
-        task, source = entry.split("=", 1)
-        splits[task] = split_source(source)[1] or arguments.split
-    return splits
+        task, value = entry.split("=", 1)
+        sources[task], split = split_source(value)
+        splits[task] = split or arguments.split
+    return sources, splits
 
 
 def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
@@ -732,8 +723,7 @@ def run_evaluate_multitask(arguments: MultiTaskEvaluateArguments) -> dict:
         return results
     results["runtime_seconds"] = round(time.perf_counter() - started, 1)
     record_run_settings(results, model, state, arguments)
-    results["dataset_sources"] = _dataset_sources(arguments)
-    results["dataset_splits"] = _dataset_splits(arguments)
+    results["dataset_sources"], results["dataset_splits"] = _dataset_origins(arguments)
     paths = write_multitask_results(results, Path(arguments.output_dir), plots=arguments.plots)
     print()
     print(f"Accuracy (%) per task; s = {results['settings']['scale']:g}.")
