@@ -37,6 +37,29 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 256
 
 
+def _names_in_index_order(index_name_pairs, num_classes: int) -> list | None:
+    """Return the names of `(index, name)` pairs in index order, or None if the indices are not 0 to `num_classes - 1`.
+
+    Each index must appear once. Indices may be integers or their strings, as in a config.json file.
+    """
+    try:
+        pairs = [(int(index), name) for index, name in index_name_pairs]
+    except (TypeError, ValueError):
+        return None
+    by_index = dict(pairs)
+    if sorted(by_index) != list(range(num_classes)) or len(by_index) != len(pairs):
+        return None
+    return [by_index[index] for index in range(num_classes)]
+
+
+def _mapping_items(value) -> list:
+    """Return the items of `value` as `dict(value)` reads it, or no items if it cannot."""
+    try:
+        return list(dict(value).items())
+    except (TypeError, ValueError):
+        return []
+
+
 def class_names_from_id2label(id2label: Mapping, num_classes: int) -> list[str]:
     """Return the class names that an `id2label` mapping gives heads of `num_classes` classes, in index order.
 
@@ -45,18 +68,14 @@ def class_names_from_id2label(id2label: Mapping, num_classes: int) -> list[str]:
     Raises:
         ValueError: If the keys are not exactly 0 to `num_classes - 1`, or the names fail [`check_class_names`].
     """
-    expected = list(range(num_classes))
-    try:
-        by_index = {int(key): name for key, name in dict(id2label).items()}
-    except (TypeError, ValueError):
-        by_index = None
-    if by_index is None or sorted(by_index) != expected or len(by_index) != len(id2label):
+    names = _names_in_index_order(_mapping_items(id2label), num_classes)
+    if names is None:
         raise ValueError(
             f"id2label must map the indices 0 to {num_classes - 1} to the names of the {num_classes} classes of the "
             f"heads, received {id2label!r}. To rename the classes, pass their new names in order. To classify other "
             "classes, build a new model from the endpoints with new class names."
         )
-    return check_class_names([by_index[index] for index in expected])
+    return check_class_names(names)
 
 
 def class_names_from_label2id(label2id: Mapping, num_classes: int) -> list[str]:
@@ -66,17 +85,14 @@ def class_names_from_label2id(label2id: Mapping, num_classes: int) -> list[str]:
         ValueError: If the indices are not exactly 0 to `num_classes - 1`, once each, or the names fail
             [`check_class_names`].
     """
-    try:
-        id2label = {int(index): name for name, index in dict(label2id).items()}
-    except (TypeError, ValueError):
-        id2label = None
-    if id2label is None or sorted(id2label) != list(range(num_classes)) or len(id2label) != len(label2id):
+    names = _names_in_index_order([(index, name) for name, index in _mapping_items(label2id)], num_classes)
+    if names is None:
         raise ValueError(
             f"label2id must map the names of the {num_classes} classes of the heads to the indices 0 to "
             f"{num_classes - 1}, received {label2id!r}. To rename the classes, pass their new names with their "
             "indices. To classify other classes, build a new model from the endpoints with new class names."
         )
-    return check_class_names([id2label[index] for index in range(num_classes)])
+    return check_class_names(names)
 
 
 def warn_if_single_class(class_names: Sequence[str], owner: str) -> None:
