@@ -531,7 +531,7 @@ def test_tasks_rename_keeps_heads_shape():
     assert config.tasks["animals"] == ["a1", "a2", "a3", "a4"]
 
 
-def test_load_applies_id2label_to_requested_default_task(model, tmp_path):
+def test_load_id2label_follows_default_task(model, tmp_path):
     model.save_pretrained(tmp_path)
     renamed = {0: "rot", 1: "grün", 2: "blau"}
 

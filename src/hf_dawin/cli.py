@@ -208,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=SOURCE[:SPLIT]",
-        help="A shifted dataset as NAME=SOURCE (Hub id or local folder) with an optional :SPLIT; repeat for several.",
+        help="A shifted dataset as NAME=SOURCE (Hub id or local folder) with an optional :SPLIT. Repeat for several.",
     )
     evaluate.add_argument(
         "--split", help="Split of each dataset given without :SPLIT (default: test, else the only split)."

@@ -222,7 +222,7 @@ class DaWinMultiTaskCLIPConfig(RecoveringConfigMixin, PreTrainedConfig):
                 object.__setattr__(self, "tasks", {**self.tasks, task: names})
                 self._set_labels(task)
                 return
-            # New class names for the tasks keep the tasks, their order and class counts, which the heads fix.
+            # Assigning tasks may only rename classes, because the heads fix the tasks, their order and class counts.
             if key == "tasks":
                 object.__setattr__(self, "tasks", self._renamed_tasks(value))
                 self._set_labels(self.default_task)

@@ -423,7 +423,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fine-tuned", dest="fine_tuned", action="append", default=[], metavar="[NAME=]SOURCE",
         help=(
-            "A fine-tuned CLIP endpoint (Hub id or local directory); repeat once per endpoint. NAME (default: the "
+            "A fine-tuned CLIP endpoint (Hub id or local directory). Repeat once per endpoint. NAME (default: the "
             "last part of SOURCE) names its row, and an endpoint named after a task is that task's expert."
         ),
     )  # fmt: skip
@@ -433,7 +433,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--task-dataset", dest="task_datasets", action="append", default=[], metavar="TASK=SOURCE[:SPLIT]",
         help=(
             "Evaluation dataset of a task as TASK=SOURCE (Hub id, imagefolder or save_to_disk folder) with an "
-            "optional :SPLIT; repeat per task. With --pretrained, the task's class names are the dataset's label "
+            "optional :SPLIT. Repeat per task. With --pretrained, the task's class names are the dataset's label "
             "names."
         ),
     )  # fmt: skip
